@@ -1,0 +1,229 @@
+"""Radius graphs for periodic and free structures, and strict max-neighbour selection.
+
+Conventions (gemnet_oc_spec §2.1): an edge e = (s -> t) has a source (neighbour)
+s and a target (centre) t; `offsets[e]` = n in Z^3 puts the source image at
+x_s + n @ cell; the distance is |x_t - x_s - n @ cell| and the unit vector points
+from the source image to the target. Messages are aggregated onto targets.
+
+Two backends find all pairs within the cutoff:
+  * "vesin" (default): the vesin cell-list library (C++). Any triclinic cell,
+    cells much smaller than the cutoff, and per-axis pbc.
+  * "numpy": a vectorised brute force over JMP's replica range, kept as an
+    independent reference for the tests and the benchmark.
+Both return the same edge set; `benchmarks/graphs.py` times them.
+
+The cutoff test is d <= r (JMP's periodic path). Self pairs (same atom, n = 0)
+are never edges; any other pair closer than 0.01 Å is a `ValueError`, where JMP
+would silently drop it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+from jmp_jax.graphs.structure import MIN_INTERATOMIC_DISTANCE, Structure, describe
+from jmp_jax.graphs.torch_sort import introsort_permutation
+
+Backend = Literal["vesin", "numpy"]
+TieBreak = Literal["stable", "jmp"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeSet:
+    """Directed edges of one structure, sorted by (target, source, offset).
+
+    senders/receivers: [E] int64 atom indices (source s, target t).
+    offsets: [E, 3] int64 cell offsets n of the source image.
+    distances: [E] float64 Å. vectors: [E, 3] unit vectors source image -> target.
+    distances_f32: [E] float32 distances computed as JMP does (float32 positions,
+      offsets @ cell in float32), the sort key of tie_break="jmp".
+    """
+
+    senders: np.ndarray
+    receivers: np.ndarray
+    offsets: np.ndarray
+    distances: np.ndarray
+    vectors: np.ndarray
+    distances_f32: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.senders.shape[0])
+
+    def take(self, keep: np.ndarray) -> "EdgeSet":
+        """The sub-set selected by an index array or boolean mask (order kept)."""
+        return EdgeSet(*(a[keep] for a in dataclasses.astuple(self)))
+
+
+def radius_graph(structure: Structure, cutoff: float, backend: Backend = "vesin") -> EdgeSet:
+    """All directed edges with distance <= cutoff, sorted by (target, source, offset)."""
+    if backend == "vesin":
+        s, t, n = _pairs_vesin(structure, cutoff)
+    elif backend == "numpy":
+        s, t, n = _pairs_numpy(structure, cutoff)
+    else:
+        raise ValueError(f"unknown neighbour-list backend {backend!r}")
+    vec = structure.positions[t] - structure.positions[s] - n @ structure.cell
+    dist = np.sqrt(np.einsum("ij,ij->i", vec, vec))
+    keep = dist <= cutoff
+    s, t, n, vec, dist = s[keep], t[keep], n[keep], vec[keep], dist[keep]
+    if dist.size and dist.min() < MIN_INTERATOMIC_DISTANCE:
+        e = int(np.argmin(dist))
+        raise ValueError(
+            f"{describe(structure)}: atoms {int(s[e])} and {int(t[e])} (cell offset "
+            f"{n[e].tolist()}) are {dist[e]:.3g} Å apart, closer than {MIN_INTERATOMIC_DISTANCE} Å"
+        )
+    order = np.lexsort((n[:, 2], n[:, 1], n[:, 0], s, t))
+    s, t, n, vec, dist = s[order], t[order], n[order], vec[order], dist[order]
+    pos32, cell32 = structure.positions.astype(np.float32), structure.cell.astype(np.float32)
+    vec32 = (pos32[s] - pos32[t]) + n.astype(np.float32) @ cell32
+    dist32 = np.sqrt(np.einsum("ij,ij->i", vec32, vec32))
+    return EdgeSet(s, t, n, dist, vec / dist[:, None], dist32)
+
+
+def select_max_neighbors(
+    edges: EdgeSet, max_neighbors: int, num_atoms: int, tie_break: TieBreak = "stable"
+) -> np.ndarray:
+    """Boolean mask keeping, for every target, its `max_neighbors` nearest edges.
+
+    Strict top-k, as JMP: ties are not expanded. k <= 0 keeps everything.
+
+    tie_break="stable" (default): distances tie-broken by the fixed key (source
+      index, offset x, offset y, offset z), ascending; the result never depends
+      on the order in which edges were found.
+    tie_break="jmp": JMP's exact choice. Distances are float32 as JMP computes
+      them, and where an exact tie straddles the k-th slot (an atom's own +n/-n
+      images in symmetric crystals) the row is ordered by a replay of torch's CPU
+      sort over JMP's row layout (the target's edges in (source, offset) order,
+      padded with +inf to the structure's largest neighbour count).
+      Exact for periodic structures; free molecules in JMP come in torch_cluster's
+      order, which is a permutation only and cannot change a tie-free result.
+    """
+    if max_neighbors <= 0 or len(edges) == 0:
+        return np.ones(len(edges), dtype=bool)
+    counts = np.bincount(edges.receivers, minlength=num_atoms)
+    if counts.max() <= max_neighbors:
+        return np.ones(len(edges), dtype=bool)
+    n = edges.offsets
+    if tie_break == "stable":
+        order = np.lexsort((n[:, 2], n[:, 1], n[:, 0], edges.senders, edges.distances, edges.receivers))
+    elif tie_break == "jmp":
+        # lexsort is stable and edges come sorted by (target, source, offset),
+        # JMP's row order; rows whose tie decides the result are replayed below.
+        order = np.lexsort((edges.distances_f32, edges.receivers))
+    else:
+        raise ValueError(f"unknown tie_break {tie_break!r}; use 'stable' or 'jmp'")
+    rank = np.empty(len(edges), dtype=np.int64)
+    rank[order] = rank_within_groups(edges.receivers[order])
+    keep = rank < max_neighbors
+    if tie_break == "jmp":
+        _replay_torch_ties(edges, keep, rank, counts, max_neighbors)
+    return keep
+
+
+def _replay_torch_ties(edges: EdgeSet, keep, rank, counts, k) -> None:
+    """Re-decides, in place, the rows where an exact float32 tie straddles slot k."""
+    values = edges.distances_f32
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    kth_value = np.full(counts.shape[0], np.inf, dtype=np.float32)
+    at_k = rank == k - 1
+    kth_value[edges.receivers[at_k]] = values[at_k]
+    after = rank == k
+    tied_past_k = np.zeros(counts.shape[0], dtype=bool)
+    tied_past_k[edges.receivers[after]] = values[after] == kth_value[edges.receivers[after]]
+    width = int(counts.max())
+    for target in np.flatnonzero(tied_past_k):
+        lo, hi = starts[target], starts[target] + counts[target]
+        row = np.full(width, np.inf, dtype=np.float32)
+        row[: hi - lo] = values[lo:hi]
+        chosen = [i for i in introsort_permutation(row.tolist())[:k] if i < hi - lo]
+        keep[lo:hi] = False
+        keep[lo + np.asarray(chosen, dtype=np.int64)] = True
+
+
+def rank_within_groups(sorted_keys: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal values of a sorted key array."""
+    size = sorted_keys.shape[0]
+    if size == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    run_lengths = np.diff(np.r_[starts, size])
+    return np.arange(size, dtype=np.int64) - np.repeat(starts, run_lengths)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _pairs_vesin(structure: Structure, cutoff: float):
+    import vesin
+
+    # vesin's own cutoff test may be strict; ask for a hair more and apply d <= r
+    # ourselves in float64 so both backends agree exactly on the boundary.
+    nl = vesin.NeighborList(cutoff=float(cutoff) * (1 + 1e-9) + 1e-9, full_list=True)
+    cell = structure.cell if structure.pbc.any() else np.zeros((3, 3))
+    i, j, shifts = nl.compute(
+        points=structure.positions, box=cell, periodic=structure.pbc.tolist(), quantities="ijS"
+    )
+    # vesin's pair (i, j, S) has vector x_j + S @ cell - x_i: j is the source, i the target.
+    return j.astype(np.int64), i.astype(np.int64), shifts.astype(np.int64)
+
+
+def _replicas(structure: Structure, cutoff: float) -> np.ndarray:
+    """JMP's number of images per lattice direction: ceil(r / plane spacing)."""
+    cell = structure.cell
+    reps = np.zeros(3, dtype=np.int64)
+    if not structure.pbc.any():
+        return reps
+    volume = abs(np.linalg.det(_completed_cell(structure)))
+    for k in range(3):
+        if structure.pbc[k]:
+            cross = np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])
+            reps[k] = int(np.ceil(cutoff * np.linalg.norm(cross) / volume))
+    return reps
+
+
+def _completed_cell(structure: Structure) -> np.ndarray:
+    """The cell with non-periodic lattice vectors (which may be zero for slabs or
+    wires) replaced by an orthonormal completion of the periodic ones."""
+    cell = structure.cell.copy()
+    periodic = cell[structure.pbc]
+    if periodic.shape[0] < 3:
+        complement = np.linalg.svd(periodic)[2][periodic.shape[0] :] if periodic.size else np.eye(3)
+        cell[~structure.pbc] = complement
+    return cell
+
+
+def _pairs_numpy(structure: Structure, cutoff: float, chunk_pairs: int = 4_000_000):
+    """Brute force over every image within JMP's replica range, on wrapped coordinates."""
+    pos = structure.positions
+    num_atoms = pos.shape[0]
+    if structure.pbc.any():
+        cell = _completed_cell(structure)
+        frac = pos @ np.linalg.inv(cell)
+        shift = np.where(structure.pbc, np.floor(frac), 0.0).astype(np.int64)  # x = w + shift @ cell
+        wrapped = pos - shift @ cell
+        reps = _replicas(structure, cutoff)
+        grids = np.meshgrid(*[np.arange(-r, r + 1) for r in reps], indexing="ij")
+        images = np.stack([g.ravel() for g in grids], axis=1)  # first axis slowest
+    else:
+        shift = np.zeros((num_atoms, 3), dtype=np.int64)
+        wrapped = pos
+        images = np.zeros((1, 3), dtype=np.int64)
+    image_shift = images @ structure.cell
+    senders, receivers, offsets = [], [], []
+    per_chunk = max(1, chunk_pairs // max(1, num_atoms * num_atoms))
+    for start in range(0, images.shape[0], per_chunk):
+        img = image_shift[start : start + per_chunk]
+        # diff[c, t, s] = w_t - (w_s + img_c)
+        diff = wrapped[None, :, None, :] - wrapped[None, None, :, :] - img[:, None, None, :]
+        d2 = np.einsum("ctsk,ctsk->cts", diff, diff)
+        c, t, s = np.nonzero(d2 <= cutoff * cutoff * (1 + 1e-9))
+        n = images[start + c]
+        not_self = ~((s == t) & ~n.any(axis=1))
+        senders.append(s[not_self])
+        receivers.append(t[not_self])
+        # back from wrapped to original positions: n = n' + shift_t - shift_s
+        offsets.append(n[not_self] + shift[t[not_self]] - shift[s[not_self]])
+    return np.concatenate(senders), np.concatenate(receivers), np.concatenate(offsets)
