@@ -71,9 +71,10 @@ def radius_graph(structure: Structure, cutoff: float, backend: Backend = "vesin"
     s, t, n, vec, dist = s[keep], t[keep], n[keep], vec[keep], dist[keep]
     if dist.size and dist.min() < MIN_INTERATOMIC_DISTANCE:
         e = int(np.argmin(dist))
+        a, b, offset = (int(t[e]), int(s[e]), n[e]) if t[e] <= s[e] else (int(s[e]), int(t[e]), -n[e])
         raise ValueError(
-            f"{describe(structure)}: atoms {int(s[e])} and {int(t[e])} (cell offset "
-            f"{n[e].tolist()}) are {dist[e]:.3g} Å apart, closer than {MIN_INTERATOMIC_DISTANCE} Å"
+            f"{describe(structure)}: atoms {a} and {b} (image of {b} at cell offset "
+            f"{offset.tolist()}) are {dist[e]:.3g} Å apart, closer than {MIN_INTERATOMIC_DISTANCE} Å"
         )
     order = np.lexsort((n[:, 2], n[:, 1], n[:, 0], s, t))
     s, t, n, vec, dist = s[order], t[order], n[order], vec[order], dist[order]
@@ -171,17 +172,12 @@ def _pairs_vesin(structure: Structure, cutoff: float):
 
 
 def _replicas(structure: Structure, cutoff: float) -> np.ndarray:
-    """JMP's number of images per lattice direction: ceil(r / plane spacing)."""
-    cell = structure.cell
-    reps = np.zeros(3, dtype=np.int64)
-    if not structure.pbc.any():
-        return reps
-    volume = abs(np.linalg.det(_completed_cell(structure)))
-    for k in range(3):
-        if structure.pbc[k]:
-            cross = np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])
-            reps[k] = int(np.ceil(cutoff * np.linalg.norm(cross) / volume))
-    return reps
+    """JMP's number of images per periodic direction: ceil(r / plane spacing)."""
+    cell = _completed_cell(structure)
+    volume = abs(np.linalg.det(cell))
+    cross = np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]])  # a2 x a3, a3 x a1, a1 x a2
+    reps = np.ceil(cutoff * np.linalg.norm(cross, axis=1) / volume).astype(np.int64)
+    return np.where(structure.pbc, reps, 0)
 
 
 def _completed_cell(structure: Structure) -> np.ndarray:
