@@ -102,6 +102,21 @@ class GraphBatch:
     def sizes(self) -> dict[str, int]:
         return {dim: int(m.shape[0]) for dim, m in self.masks.items()}
 
+    def field(self, name: str):
+        """Any field of `FIELDS` by name, wherever the batch keeps it."""
+        g = self.graphs
+        if name in _NODE_FIELDS:
+            return g.nodes[name]
+        if name in _MAIN_EDGE_FIELDS:
+            return g.edges[_MAIN_EDGE_FIELDS[name]]
+        if name in _GLOBAL_FIELDS:
+            return g.globals[name]
+        if name == "main_senders":
+            return g.senders
+        if name == "main_receivers":
+            return g.receivers
+        return self.indices[name]
+
 
 def totals(structures: Sequence[StructureGraphs]) -> dict[str, int]:
     """Real sizes of every dimension summed over structures."""
@@ -173,27 +188,12 @@ def unbatch_index(batch: GraphBatch, name: str, graph: int) -> np.ndarray:
     """The real entries of index field `name` that belong to structure `graph`,
     shifted back to that structure's local numbering (for tests and debugging)."""
     field = FIELDS[name]
-    values = _field(batch, name)
+    values = batch.field(name)
     owner = _owner_graph(batch, field.dim)
     local = np.asarray(values)[np.asarray(batch.masks[field.dim]) & (owner == graph)]
     if field.points_to is not None:
         local = local - _first_of_graph(batch, field.points_to, graph)
     return local
-
-
-def _field(batch: GraphBatch, name: str):
-    g = batch.graphs
-    if name in _NODE_FIELDS:
-        return g.nodes[name]
-    if name in _MAIN_EDGE_FIELDS:
-        return g.edges[_MAIN_EDGE_FIELDS[name]]
-    if name in _GLOBAL_FIELDS:
-        return g.globals[name]
-    if name == "main_senders":
-        return g.senders
-    if name == "main_receivers":
-        return g.receivers
-    return batch.indices[name]
 
 
 def _owner_graph(batch: GraphBatch, dim: str) -> np.ndarray:
@@ -207,7 +207,7 @@ def _owner_graph(batch: GraphBatch, dim: str) -> np.ndarray:
     else:
         # Every dimension is anchored at a node through a chain of index fields.
         anchor = _ANCHOR[dim]
-        owner = _owner_graph(batch, FIELDS[anchor].points_to)[np.asarray(_field(batch, anchor))]
+        owner = _owner_graph(batch, FIELDS[anchor].points_to)[np.asarray(batch.field(anchor))]
     return np.where(mask, owner, -1)
 
 

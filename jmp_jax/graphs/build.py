@@ -19,7 +19,14 @@ from typing import NamedTuple
 import numpy as np
 
 from jmp_jax.graphs import indices as idx
-from jmp_jax.graphs.neighbors import Backend, EdgeSet, TieBreak, radius_graph, select_max_neighbors
+from jmp_jax.graphs.neighbors import (
+    Backend,
+    EdgeSet,
+    TieBreak,
+    neighbor_ranks,
+    radius_graph,
+    select_max_neighbors,
+)
 from jmp_jax.graphs.structure import Structure, describe
 
 
@@ -145,8 +152,9 @@ def build_edge_sets(structure: Structure, config: GraphConfig) -> dict[str, Edge
     everything = radius_graph(structure, config.cutoff, backend=config.backend)
     a2a = everything.take(select_max_neighbors(everything, k.a2a, n, config.tie_break))
     graphs = {"a2a": a2a}
+    ranks = neighbor_ranks(a2a, config.tie_break)  # one ranking serves all three selections
     for name in ("main", "a2ee2a", "qint"):
-        graphs[name] = a2a.take(select_max_neighbors(a2a, getattr(k, name), n, config.tie_break))
+        graphs[name] = a2a.take(select_max_neighbors(a2a, getattr(k, name), n, config.tie_break, ranks))
     tags = np.asarray(config.qint_tags)
     touches = np.isin(structure.tags[graphs["qint"].senders], tags) | np.isin(
         structure.tags[graphs["qint"].receivers], tags

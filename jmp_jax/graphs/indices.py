@@ -102,6 +102,17 @@ def edges_into(query: np.ndarray, in_targets: np.ndarray, num_targets: int, in_s
     return out, in_.astype(np.int64)
 
 
+def _same_image(atoms_a, atoms_b, offset_of_pair) -> np.ndarray:
+    """True where atoms_a == atoms_b and the pair's combined offset is zero.
+    `offset_of_pair(rows)` computes that offset only for the rows whose atoms
+    coincide, a small fraction of all pairs."""
+    same = atoms_a == atoms_b
+    rows = np.flatnonzero(same)
+    if rows.size:
+        same[rows] = ~np.any(offset_of_pair(rows), axis=1)
+    return same
+
+
 def _triplets(out: np.ndarray, in_: np.ndarray, keep: np.ndarray) -> TripletIndex:
     out, in_ = out[keep], in_[keep]
     return TripletIndex(in_=in_, out=out, out_agg=rank_within_groups(out))
@@ -121,8 +132,9 @@ def mixed_triplets(out_edges: Edges, in_edges: Edges, num_atoms: int) -> Triplet
     a2e: mixed_triplets(main, a2ee2a); e2a: mixed_triplets(a2ee2a, main).
     """
     out, in_ = edges_into(out_edges.receivers, in_edges.receivers, num_atoms, in_edges.senders)
-    same = (in_edges.senders[in_] == out_edges.senders[out]) & np.all(
-        out_edges.offsets[out] == in_edges.offsets[in_], axis=1
+    same = _same_image(
+        in_edges.senders[in_], out_edges.senders[out],
+        lambda r: out_edges.offsets[out[r]] - in_edges.offsets[in_[r]],
     )
     return _triplets(out, in_, ~same)
 
@@ -132,26 +144,29 @@ def quadruplets(main: Edges, qint: Edges, num_atoms: int) -> QuadrupletIndex:
     # triplet_in: for each qint edge b->a, every main edge d->b, except d being
     # the image of a that the qint edge starts from.
     tin_out, tin_in = edges_into(qint.senders, main.receivers, num_atoms, main.senders)
-    back_to_a = (main.senders[tin_in] == qint.receivers[tin_out]) & np.all(
-        main.offsets[tin_in] + qint.offsets[tin_out] == 0, axis=1
+    back_to_a = _same_image(
+        main.senders[tin_in], qint.receivers[tin_out],
+        lambda r: main.offsets[tin_in[r]] + qint.offsets[tin_out[r]],
     )
     tin_out, tin_in = tin_out[~back_to_a], tin_in[~back_to_a]
 
     # triplet_out: for each main edge c->a, every qint edge b->a, except b == c
     # in the same image.
     tout_out, tout_in = edges_into(main.receivers, qint.receivers, num_atoms, qint.senders)
-    same = (qint.senders[tout_in] == main.senders[tout_out]) & np.all(
-        main.offsets[tout_out] == qint.offsets[tout_in], axis=1
+    same = _same_image(
+        qint.senders[tout_in], main.senders[tout_out],
+        lambda r: main.offsets[tout_out[r]] - qint.offsets[tout_in[r]],
     )
     tout_out, tout_in = tout_out[~same], tout_in[~same]
 
     # Quadruplets: for each triplet_out tau, every triplet_in sigma that ends on
     # tau's qint edge (tin_out is sorted, so the stable gather keeps sigma order).
     q_tout, q_tin = edges_into(tout_in, tin_out, qint.senders.shape[0])
-    c_edge, d_edge, b_edge = tout_out[q_tout], tin_in[q_tin], tin_out[q_tin]
+    c_edge, d_edge = tout_out[q_tout], tin_in[q_tin]
     # Drop d == c when it is the same periodic image.
-    same_image = (main.senders[d_edge] == main.senders[c_edge]) & np.all(
-        main.offsets[d_edge] + qint.offsets[b_edge] - main.offsets[c_edge] == 0, axis=1
+    same_image = _same_image(
+        main.senders[d_edge], main.senders[c_edge],
+        lambda r: main.offsets[d_edge[r]] + qint.offsets[tin_out[q_tin[r]]] - main.offsets[c_edge[r]],
     )
     q_tout, q_tin, c_edge = q_tout[~same_image], q_tin[~same_image], c_edge[~same_image]
     return QuadrupletIndex(

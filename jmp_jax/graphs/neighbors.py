@@ -84,40 +84,51 @@ def radius_graph(structure: Structure, cutoff: float, backend: Backend = "vesin"
     return EdgeSet(s, t, n, dist, vec / dist[:, None], dist32)
 
 
-def select_max_neighbors(
-    edges: EdgeSet, max_neighbors: int, num_atoms: int, tie_break: TieBreak = "stable"
-) -> np.ndarray:
-    """Boolean mask keeping, for every target, its `max_neighbors` nearest edges.
-
-    Strict top-k, as JMP: ties are not expanded. k <= 0 keeps everything.
+def neighbor_ranks(edges: EdgeSet, tie_break: TieBreak = "stable") -> np.ndarray:
+    """Rank of every edge among the edges of its target, nearest first.
 
     tie_break="stable" (default): distances tie-broken by the fixed key (source
       index, offset x, offset y, offset z), ascending; the result never depends
       on the order in which edges were found.
-    tie_break="jmp": JMP's exact choice. Distances are float32 as JMP computes
-      them, and where an exact tie straddles the k-th slot (an atom's own +n/-n
-      images in symmetric crystals) the row is ordered by a replay of torch's CPU
-      sort over JMP's row layout (the target's edges in (source, offset) order,
-      padded with +inf to the structure's largest neighbour count).
-      Exact for periodic structures; free molecules in JMP come in torch_cluster's
-      order, which is a permutation only and cannot change a tie-free result.
+    tie_break="jmp": float32 distances as JMP computes them, ties in edge order
+      (which is JMP's row order); `select_max_neighbors` then replays JMP's sort
+      on the rows where a tie decides the result.
+    """
+    n = edges.offsets
+    if tie_break == "stable":
+        order = np.lexsort((n[:, 2], n[:, 1], n[:, 0], edges.senders, edges.distances, edges.receivers))
+    elif tie_break == "jmp":
+        order = np.lexsort((edges.distances_f32, edges.receivers))  # lexsort is stable
+    else:
+        raise ValueError(f"unknown tie_break {tie_break!r}; use 'stable' or 'jmp'")
+    rank = np.empty(len(edges), dtype=np.int64)
+    rank[order] = rank_within_groups(edges.receivers[order])
+    return rank
+
+
+def select_max_neighbors(
+    edges: EdgeSet, max_neighbors: int, num_atoms: int, tie_break: TieBreak = "stable", ranks=None
+) -> np.ndarray:
+    """Boolean mask keeping, for every target, its `max_neighbors` nearest edges.
+
+    Strict top-k, as JMP: ties are not expanded. k <= 0 keeps everything.
+    `ranks` (from `neighbor_ranks` with the same tie_break) may be passed to
+    select several k from one ranking.
+
+    With tie_break="jmp", JMP's exact choice: where an exact float32 tie
+    straddles the k-th slot (an atom's own +n/-n images in symmetric crystals),
+    the row is ordered by a replay of torch's CPU sort over JMP's row layout (the
+    target's edges in (source, offset) order, padded with +inf to the
+    structure's largest neighbour count). Exact for periodic structures; JMP
+    builds free molecules in torch_cluster's order, a permutation that cannot
+    change a tie-free result.
     """
     if max_neighbors <= 0 or len(edges) == 0:
         return np.ones(len(edges), dtype=bool)
     counts = np.bincount(edges.receivers, minlength=num_atoms)
     if counts.max() <= max_neighbors:
         return np.ones(len(edges), dtype=bool)
-    n = edges.offsets
-    if tie_break == "stable":
-        order = np.lexsort((n[:, 2], n[:, 1], n[:, 0], edges.senders, edges.distances, edges.receivers))
-    elif tie_break == "jmp":
-        # lexsort is stable and edges come sorted by (target, source, offset),
-        # JMP's row order; rows whose tie decides the result are replayed below.
-        order = np.lexsort((edges.distances_f32, edges.receivers))
-    else:
-        raise ValueError(f"unknown tie_break {tie_break!r}; use 'stable' or 'jmp'")
-    rank = np.empty(len(edges), dtype=np.int64)
-    rank[order] = rank_within_groups(edges.receivers[order])
+    rank = neighbor_ranks(edges, tie_break) if ranks is None else ranks
     keep = rank < max_neighbors
     if tie_break == "jmp":
         _replay_torch_ties(edges, keep, rank, counts, max_neighbors)
