@@ -123,11 +123,19 @@ def totals(structures: Sequence[StructureGraphs]) -> dict[str, int]:
     return {dim: sum(s.sizes[dim] for s in structures) for dim in DIMS}
 
 
-def collate(structures: Sequence[StructureGraphs], pad: PadSizes | None = None) -> GraphBatch:
+def collate(
+    structures: Sequence[StructureGraphs],
+    pad: PadSizes | None = None,
+    node_labels: Sequence[Mapping[str, np.ndarray]] | None = None,
+    graph_labels: Sequence[Mapping[str, np.ndarray]] | None = None,
+) -> GraphBatch:
     """Concatenates structures with index offsets and pads every dimension.
 
     `pad=None` applies the bucket policy; an explicit `pad` that leaves no
     padding slot in some dimension is a `ValueError` naming the dimension.
+    `node_labels` / `graph_labels` (one dict per structure, same keys for all)
+    are added to `graphs.nodes` / `graphs.globals`, zero-padded: e.g. forces
+    [n, 3] and the energy or task index of each structure.
     """
     if not structures:
         raise ValueError("collate needs at least one structure")
@@ -171,17 +179,56 @@ def collate(structures: Sequence[StructureGraphs], pad: PadSizes | None = None) 
     node_graph = np.repeat(np.arange(num_graphs, dtype=np.int32), n_node)
     masks = {dim: np.arange(pad[dim]) < real[dim] for dim in DIMS}
 
+    nodes = {k: arrays[k] for k in _NODE_FIELDS}
+    globals_ = {k: arrays[k] for k in _GLOBAL_FIELDS}
+    nodes.update(_pad_labels(node_labels, pad["node"], "node", structures))
+    globals_.update(_pad_labels(graph_labels, pad["graph"], "graph", structures))
     graphs = jraph.GraphsTuple(
-        nodes={k: arrays[k] for k in _NODE_FIELDS},
+        nodes=nodes,
         edges={v: arrays[k] for k, v in _MAIN_EDGE_FIELDS.items()},
         senders=arrays["main_senders"],
         receivers=arrays["main_receivers"],
-        globals={k: arrays[k] for k in _GLOBAL_FIELDS},
+        globals=globals_,
         n_node=n_node,
         n_edge=n_edge,
     )
     indices = {k: v for k, v in arrays.items() if k not in _GRAPHS_TUPLE_FIELDS}
     return GraphBatch(graphs=graphs, indices=indices, masks=masks, node_graph=node_graph)
+
+
+def empty_like(batch: GraphBatch) -> GraphBatch:
+    """A batch of the same shapes holding only padding (no real structure):
+    fills a device's slot when a step has fewer batches than devices."""
+    import jax
+
+    empty = jax.tree_util.tree_map(np.zeros_like, batch)
+    num_nodes = batch.node_graph.shape[0]
+    n_node = np.zeros_like(batch.graphs.n_node)
+    n_edge = np.zeros_like(batch.graphs.n_edge)
+    n_node[0], n_edge[0] = num_nodes, batch.graphs.senders.shape[0]
+    nodes = dict(empty.graphs.nodes, atomic_numbers=np.ones_like(batch.graphs.nodes["atomic_numbers"]))
+    return empty.replace(graphs=empty.graphs._replace(nodes=nodes, n_node=n_node, n_edge=n_edge))
+
+
+def _pad_labels(labels, size: int, dim: str, structures) -> dict[str, np.ndarray]:
+    if labels is None:
+        return {}
+    if len(labels) != len(structures):
+        raise ValueError(f"{len(labels)} {dim} label dicts for {len(structures)} structures")
+    out = {}
+    for name in labels[0]:
+        parts = []
+        for s, lab in zip(structures, labels):
+            value = np.asarray(lab[name])
+            value = value.reshape((1,) + value.shape) if dim == "graph" else value
+            if value.shape[0] != (s.sizes[dim] if dim == "node" else 1):
+                raise ValueError(f"structure {s.id!r}: {dim} label {name!r} has shape {value.shape}")
+            parts.append(value)
+        value = np.concatenate(parts, axis=0)
+        padded = np.zeros((size,) + value.shape[1:], dtype=value.dtype)
+        padded[: value.shape[0]] = value
+        out[name] = padded
+    return out
 
 
 def unbatch_index(batch: GraphBatch, name: str, graph: int) -> np.ndarray:

@@ -177,6 +177,9 @@ class Shard:
     def __len__(self) -> int:
         return self.num_records
 
+    def __reduce__(self):  # worker processes re-open the memory maps instead of copying them
+        return (Shard, (self.directory, self.dataset))
+
     def natoms(self) -> np.ndarray:
         return np.diff(np.asarray(self.columns["node_offsets"]))
 
@@ -207,6 +210,8 @@ class SplitReader:
                  verify: bool = False):
         self.root = Path(root)
         self.split = split
+        self.dataset = dataset
+        self.expected_records = expected_records
         shard_dirs = completed_shards(self.root / split)
         self.shards = [Shard(d, dataset, verify=verify) for d in shard_dirs]
         counts = np.array([len(s) for s in self.shards], dtype=np.int64)
@@ -217,6 +222,9 @@ class SplitReader:
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def __reduce__(self):
+        return (SplitReader, (self.root, self.split, self.dataset, self.expected_records))
 
     def __getitem__(self, index: int) -> Record:
         if not 0 <= index < len(self):
