@@ -55,6 +55,23 @@ def ingest(source, output, records_per_shard: int = 5000, splits=None, checksum:
     return metadata
 
 
+class RecordListSource:
+    """A source over records already in memory ({split: [Record | RecordError]})."""
+
+    def __init__(self, name: str, records_by_split: dict):
+        self.name = name
+        self._records = records_by_split
+
+    def splits(self):
+        return tuple(self._records)
+
+    def num_records(self, split):
+        return len(self._records[split])
+
+    def records(self, split):
+        yield from self._records[split]
+
+
 def _ingest_split(source, split_dir: Path, split: str, per_shard: int, checksum, progress, log) -> None:
     if (split_dir / _COMPLETE).exists():
         log(f"{source.name}/{split}: already complete, skipping")
