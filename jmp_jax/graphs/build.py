@@ -131,8 +131,8 @@ FIELDS: dict[str, Field] = {
 class StructureGraphs:
     """Everything the model needs for one structure, with local indices.
 
-    `arrays` maps every name of `FIELDS` to a numpy array (indices int64,
-    positions/cell float64, offsets int64 [E, 3]); `sizes` gives the length of
+    `arrays` maps every name of `FIELDS` to a numpy array (indices, ranks and
+    offsets int32, positions/cell float64); `sizes` gives the length of
     every dimension of `DIMS`. `id` is the structure's id.
     """
 
@@ -212,6 +212,8 @@ def graphs_from_edges(structure: Structure, edge_sets: dict[str, idx.Edges]) -> 
     sizes = {dim: 0 for dim in DIMS}
     for name, field in FIELDS.items():
         sizes[field.dim] = int(arrays[name].shape[0])
+        if arrays[name].dtype == np.int64:  # indices, ranks, offsets: int32 halves what workers ship
+            arrays[name] = arrays[name].astype(np.int32)
     return StructureGraphs(arrays=arrays, sizes=sizes, id=structure.id)
 
 
