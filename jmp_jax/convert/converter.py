@@ -1,0 +1,109 @@
+"""PyTorch JMP checkpoint -> jmp_jax model directory (orbax variables + JSON config).
+
+A converted model directory holds:
+    variables/        orbax checkpoint of {"params": ..., "constants": ...} (arrays only; no pickle)
+    model.json        {"format", "kind", "config", "num_tasks", "task_names", "ema", "source", ...}
+
+`kind` is "pretrain" (GemNetOCPretrain: backbone + per-task energy/force heads),
+"energy" (GemNetOCEnergyForces: JMP's fine-tuning energy model) or "backbone"
+(GemNetOCBackbone + atom embedding absent: backbone only). `jmp_jax.inference.load`
+reads it back in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from jmp_jax.convert import mapping
+from jmp_jax.convert.checkpoint import CheckpointInfo, load_checkpoint
+from jmp_jax.models.config import GemNetOCConfig
+
+FORMAT = "jmp_jax/converted-v1"
+DEFAULT_TASKS = ("oc20", "oc22", "ani1x", "transition1x")  # released JMP head order (spec §4, §9)
+
+
+@dataclasses.dataclass
+class Converted:
+    kind: str
+    config: GemNetOCConfig
+    variables: dict
+    info: CheckpointInfo
+    task_names: tuple[str, ...] | None
+
+
+def convert(path, size: str = "auto", ema: bool = True) -> Converted:
+    """Reads a JMP checkpoint (Lightning or plain state_dict) and maps it to Flax variables.
+
+    size: "auto" infers every hyper-parameter from tensor shapes; "s" / "l" also
+    asserts that the checkpoint is JMP-S / JMP-L (a mismatch is an error).
+    """
+    state_dict, info = load_checkpoint(path, ema=ema)
+    config = GemNetOCConfig.from_dict({k: v for k, v in info.hparams.items()})
+    if size != "auto":
+        preset = {"s": GemNetOCConfig.jmp_s, "l": GemNetOCConfig.jmp_l}[size]()
+        expected = dataclasses.replace(preset, direct_forces=config.direct_forces,
+                                       regress_forces=config.regress_forces)
+        if _widths(expected) != _widths(config):
+            diff = {k: (v, _widths(config)[k]) for k, v in _widths(expected).items() if _widths(config)[k] != v}
+            raise ValueError(f"{path}: --size {size} but the checkpoint's shapes say otherwise "
+                             f"(expected vs found: {diff}); use --size auto")
+    if info.layout == "pretrain":
+        variables = mapping.convert_pretrain(state_dict, config, num_tasks=info.num_tasks)
+        kind = "pretrain"
+    elif info.layout == "finetune":
+        variables = mapping.convert_finetune_energy(state_dict, config)
+        kind = "energy"
+    elif info.layout == "backbone":
+        variables = mapping.convert_backbone(state_dict, config, prefix=info.backbone_prefix or "")
+        kind = "backbone"
+    else:
+        raise ValueError(f"{path}: unsupported checkpoint layout {info.layout!r}")
+    tasks = tuple(info.task_names) if info.task_names else (DEFAULT_TASKS[: info.num_tasks] if kind == "pretrain"
+                                                            else None)
+    return Converted(kind, config, variables, info, tasks)
+
+
+def _widths(config: GemNetOCConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k.startswith(("emb_size", "num_"))}
+
+
+def save(converted: Converted, out, source: str | None = None) -> Path:
+    """Writes the model directory atomically (temp dir + rename)."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out).resolve()
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / "variables", _numpy_tree(converted.variables))
+    checkpointer.wait_until_finished()
+    meta = {
+        "format": FORMAT,
+        "kind": converted.kind,
+        "config": converted.config.to_dict(),
+        "num_tasks": converted.info.num_tasks if converted.kind == "pretrain" else None,
+        "task_names": list(converted.task_names) if converted.task_names else None,
+        "ema": bool(converted.info.ema_used),
+        "source": source,
+        "checkpoint_summary": converted.info.summary(),
+        "warnings": list(converted.info.warnings),
+    }
+    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _numpy_tree(tree):
+    if isinstance(tree, dict):
+        return {k: _numpy_tree(v) for k, v in tree.items()}
+    return np.asarray(tree)

@@ -1,0 +1,471 @@
+"""PyTorch JMP state_dict -> Flax variables (gemnet_oc_spec §6.2).
+
+Input: a plain dict {torch key: np.ndarray} (the checkpoint reader builds it).
+Output: Flax variables {"params": ..., "constants": ...} for one of our models.
+
+How it works. Per-module mapper functions (`_dense`, `_residual`, `_bases`,
+`_interaction_block`, …) walk JMP's module tree for a config and yield one
+`Entry` per torch tensor: where it goes in the Flax tree and how it is
+transformed (transpose a Linear weight, reinterpret a BasisEmbedding weight
+row-major, copy a scalar). `apply_entries` then
+  1. fills every Flax variable of the target model with NaN,
+  2. copies every mapped tensor (a shape mismatch is a ValueError naming the key),
+  3. rejects torch keys that are neither mapped nor on the explicit ignore list,
+  4. asserts that no variable is still NaN (listing the missing Flax paths).
+
+Ignored on purpose: `out_blocks.{j}.seq_energy_pre.*` (an alias of `layers.*`),
+the 7 duplicate rbf buffer pairs (checked equal to the kept one), `task_steps.*`
+counters, and — when the target has no force branch — the force-branch keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from typing import Callable, Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from jmp_jax.models.config import GemNetOCConfig
+from jmp_jax.models.layers import CONSTANTS
+
+PARAMS = "params"
+
+RBF_INSTANCES = (
+    "radial_basis",
+    "cbf_basis_qint.radial_basis",
+    "sbf_basis_qint.radial_basis",
+    "radial_basis_aeaint",
+    "cbf_basis_aeint.radial_basis",
+    "cbf_basis_eaint.radial_basis",
+    "radial_basis_aint",
+    "cbf_basis_tint.radial_basis",
+)
+
+# Keys that are never mapped, whatever the target (regular expressions on the full key).
+ALWAYS_IGNORED = (
+    r"(^|\.)out_blocks\.\d+\.seq_energy_pre\.",  # alias of out_blocks.{j}.layers
+    r"^task_steps\.",  # metric counters
+)
+FORCE_BRANCH = (
+    r"(^|\.)out_mlp_F\.",
+    r"(^|\.)out_blocks\.\d+\.(scale_rbf_F|dense_rbf_F|seq_forces)\.",
+)
+PRETRAIN_HEADS = (r"^output\.out_(energy|forces)\.",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One torch tensor's destination: variables[collection][path...] = transform(value)."""
+
+    torch_key: str
+    collection: str
+    path: tuple[str, ...]
+    transform: Callable[[np.ndarray, tuple], np.ndarray]
+
+
+# ------------------------------------------------------------------ transforms
+def _transpose(value, target_shape):
+    if value.ndim != 2:
+        raise ValueError(f"expected a 2-D Linear weight, got shape {value.shape}")
+    return value.T
+
+
+def _copy(value, target_shape):
+    return value
+
+
+def _reinterpret(value, target_shape):
+    """BasisEmbedding [R, S', I] read row-major as [R, I, S'] (not a transpose, spec §3.3)."""
+    if value.ndim != 3:
+        raise ValueError(f"expected a 3-D BasisEmbedding weight, got shape {value.shape}")
+    return np.ascontiguousarray(value).reshape(value.shape[0], value.shape[2], value.shape[1])
+
+
+# -------------------------------------------------------------- module mappers
+def _dense(tk: str, fp: tuple) -> Iterator[Entry]:
+    yield Entry(f"{tk}.linear.weight", PARAMS, fp + ("kernel",), _transpose)
+
+
+def _residual(tk: str, fp: tuple) -> Iterator[Entry]:
+    for k in range(2):
+        yield from _dense(f"{tk}.dense_mlp.{k}", fp + (f"dense_mlp_{k}",))
+
+
+def _residuals(tk: str, fp: tuple, count: int, start: int = 0) -> Iterator[Entry]:
+    for k in range(start, start + count):
+        yield from _residual(f"{tk}.{k}", fp[:-1] + (f"{fp[-1]}_{k}",))
+
+
+def _scale(tk: str, fp: tuple) -> Iterator[Entry]:
+    yield Entry(f"{tk}.scale_factor", CONSTANTS, fp + ("scale_factor",), _copy)
+
+
+def _basis_embedding(tk: str, fp: tuple) -> Iterator[Entry]:
+    yield Entry(f"{tk}.weight", PARAMS, fp + ("weight",), _reinterpret)
+
+
+def _bilinear(tk: str, fp: tuple) -> Iterator[Entry]:
+    yield from _dense(f"{tk}.bilinear", fp + ("bilinear",))
+
+
+def _bases(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
+    yield Entry(f"{tk}.{RBF_INSTANCES[0]}.rbf.offset", CONSTANTS, fp + ("rbf_offset",), _copy)
+    yield Entry(f"{tk}.{RBF_INSTANCES[0]}.rbf.temps", CONSTANTS, fp + ("rbf_temps",), _copy)
+    for name in ("qint", "aeint", "eaint", "tint", "h", "out"):
+        yield from _dense(f"{tk}.mlp_rbf_{name}", fp + (f"mlp_rbf_{name}",))
+    for name in ("qint", "aeint", "eaint", "tint"):
+        yield from _basis_embedding(f"{tk}.mlp_cbf_{name}", fp + (f"mlp_cbf_{name}",))
+    yield from _basis_embedding(f"{tk}.mlp_sbf_qint", fp + ("mlp_sbf_qint",))
+    yield Entry(f"{tk}.mlp_rbf_aint.weight", PARAMS, fp + ("mlp_rbf_aint",), _transpose)
+    yield from _dense(f"{tk}.edge_emb.dense", fp + ("edge_emb", "dense"))
+
+
+def _edge_interaction(tk, fp, first: str, bilinear: str, up: tuple[str, ...], scales, extra=()):
+    yield from _dense(f"{tk}.{first}", fp + (first,))
+    yield from _dense(f"{tk}.mlp_rbf", fp + ("mlp_rbf",))
+    yield from _dense(f"{tk}.down_projection", fp + ("down_projection",))
+    for name in up:
+        yield from _dense(f"{tk}.{name}", fp + (name,))
+    yield from _bilinear(f"{tk}.{bilinear}", fp + (bilinear,))
+    for name in extra:
+        yield from _dense(f"{tk}.{name}", fp + (name,))
+    for name in scales:
+        yield from _scale(f"{tk}.{name}", fp + (name,))
+
+
+def _interaction_block(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
+    sym = ("up_projection_ca", "up_projection_ac")
+    yield from _dense(f"{tk}.dense_ca", fp + ("dense_ca",))
+    yield from _edge_interaction(
+        f"{tk}.trip_interaction", fp + ("trip_interaction",), "dense_ba", "mlp_cbf", sym, ("scale_rbf", "scale_cbf_sum")
+    )
+    yield from _edge_interaction(
+        f"{tk}.quad_interaction",
+        fp + ("quad_interaction",),
+        "dense_db",
+        "mlp_sbf",
+        sym,
+        ("scale_rbf", "scale_cbf", "scale_sbf_sum"),
+        extra=("mlp_cbf",),
+    )
+    yield from _edge_interaction(
+        f"{tk}.atom_edge_interaction",
+        fp + ("atom_edge_interaction",),
+        "dense_ba",
+        "mlp_cbf",
+        sym,
+        ("scale_rbf", "scale_cbf_sum"),
+    )
+    yield from _edge_interaction(
+        f"{tk}.edge_atom_interaction",
+        fp + ("edge_atom_interaction",),
+        "dense_ba",
+        "mlp_cbf",
+        ("up_projection_ca",),
+        ("scale_rbf", "scale_cbf_sum"),
+    )
+    ai, af = f"{tk}.atom_interaction", fp + ("atom_interaction",)
+    yield from _dense(f"{ai}.bilinear", af + ("bilinear",))
+    yield from _dense(f"{ai}.down_projection", af + ("down_projection",))
+    yield from _dense(f"{ai}.up_projection", af + ("up_projection",))
+    yield from _scale(f"{ai}.scale_rbf_sum", af + ("scale_rbf_sum",))
+    yield from _residuals(f"{tk}.layers_before_skip", fp + ("layers_before_skip",), cfg.num_before_skip)
+    yield from _residuals(f"{tk}.layers_after_skip", fp + ("layers_after_skip",), cfg.num_after_skip)
+    yield from _residuals(f"{tk}.atom_emb_layers", fp + ("atom_emb_layers",), cfg.num_atom_emb_layers)
+    yield from _edges_to_atoms(cfg, f"{tk}.atom_update", fp + ("atom_update",))
+    yield from _dense(f"{tk}.concat_layer.dense", fp + ("concat_layer", "dense"))
+    yield from _residuals(f"{tk}.residual_m", fp + ("residual_m",), cfg.num_concat)
+
+
+def _edges_to_atoms(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
+    yield from _dense(f"{tk}.dense_rbf", fp + ("dense_rbf",))
+    yield from _scale(f"{tk}.scale_sum", fp + ("scale_sum",))
+    yield from _dense(f"{tk}.layers.0", fp + ("layers_0",))
+    yield from _residuals(f"{tk}.layers", fp + ("layers",), cfg.num_atom, start=1)
+
+
+def _output_block(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
+    yield from _edges_to_atoms(cfg, tk, fp)
+    yield from _residuals(f"{tk}.seq_energy2", fp + ("seq_energy2",), cfg.num_output_afteratom)
+    if cfg.direct_forces:
+        yield from _residuals(f"{tk}.seq_forces", fp + ("seq_forces",), cfg.num_output_afteratom)
+        yield from _dense(f"{tk}.dense_rbf_F", fp + ("dense_rbf_F",))
+        yield from _scale(f"{tk}.scale_rbf_F", fp + ("scale_rbf_F",))
+
+
+def _final_mlp(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
+    yield from _dense(f"{tk}.out_mlp.0", fp + ("out_mlp_0",))
+    yield from _residuals(f"{tk}.out_mlp", fp + ("out_mlp",), cfg.num_global_out_layers, start=1)
+
+
+def backbone_entries(cfg: GemNetOCConfig, tk: str = "backbone", fp: tuple = ("backbone",)) -> list[Entry]:
+    """Every backbone tensor of a JMP checkpoint (prefix `tk.`) -> our backbone at `fp`."""
+    p = f"{tk}." if tk else ""
+    out = list(_bases(cfg, f"{p}bases", fp + ("bases",)))
+    for i in range(cfg.num_blocks):
+        out += _interaction_block(cfg, f"{p}int_blocks.{i}", fp + (f"int_blocks_{i}",))
+    for j in range(cfg.num_blocks + 1):
+        out += _output_block(cfg, f"{p}out_blocks.{j}", fp + (f"out_blocks_{j}",))
+    out += _final_mlp(cfg, f"{p}out_mlp_E", fp + ("out_mlp_E",))
+    if cfg.direct_forces:
+        out += _final_mlp(cfg, f"{p}out_mlp_F", fp + ("out_mlp_F",))
+    return out
+
+
+def head_mlp_entries(tk: str, fp: tuple, num_layers: int = 5, bias: bool = True) -> Iterator[Entry]:
+    """JMP's head `mlp(...)`: Linear at 0, 2, …; the last (width 1) without bias."""
+    for k in range(num_layers):
+        idx = 2 * k
+        yield Entry(f"{tk}.{idx}.weight", PARAMS, fp + (f"dense_{idx}", "kernel"), _transpose)
+        if bias and k < num_layers - 1:
+            yield Entry(f"{tk}.{idx}.bias", PARAMS, fp + (f"dense_{idx}", "bias"), _copy)
+
+
+def _embedding(tk: str) -> Iterator[Entry]:
+    yield Entry(tk, PARAMS, ("atom_embedding", "embed", "embedding"), _copy)
+
+
+def pretrain_entries(cfg: GemNetOCConfig, num_tasks: int = 4) -> list[Entry]:
+    """JMP pre-training layout -> `GemNetOCPretrain`."""
+    out = list(_embedding("embedding.atom_embedding.weight")) + backbone_entries(cfg)
+    for t in range(num_tasks):
+        out += head_mlp_entries(f"output.out_energy.{t}", (f"out_energy_{t}", "mlp"))
+        out += head_mlp_entries(f"output.out_forces.{t}", (f"out_forces_{t}", "mlp"))
+    return out
+
+
+def finetune_energy_entries(cfg: GemNetOCConfig) -> list[Entry]:
+    """JMP fine-tuning energy layout (`embedding.weight`, bias-free `out_energy`) ->
+    `GemNetOCEnergyForces`."""
+    out = list(_embedding("embedding.weight")) + backbone_entries(cfg)
+    out += head_mlp_entries("out_energy", ("out_energy", "mlp"), bias=False)
+    return out
+
+
+def finetune_start_entries(cfg: GemNetOCConfig) -> list[Entry]:
+    """Pre-training layout -> the embedding and backbone of a fine-tuning model
+    (JMP loads no pre-training head for fine-tuning)."""
+    return list(_embedding("embedding.atom_embedding.weight")) + backbone_entries(cfg)
+
+
+# ------------------------------------------------------------------- applying
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
+
+
+def _flat_paths(tree, prefix=()):
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _flat_paths(v, prefix + (k,))
+    else:
+        yield prefix, tree
+
+
+def nan_variables(shapes) -> dict:
+    """A mutable tree of NaN arrays with the shapes/dtypes of `shapes` (e.g. from
+    jax.eval_shape of model.init)."""
+    if isinstance(shapes, Mapping):
+        return {k: nan_variables(v) for k, v in shapes.items()}
+    return np.full(shapes.shape, np.nan, dtype=shapes.dtype)
+
+
+def ignore_patterns(cfg: GemNetOCConfig, extra: Iterable[str] = ()) -> tuple[str, ...]:
+    pats = list(ALWAYS_IGNORED) + list(extra)
+    if not cfg.direct_forces:
+        pats += FORCE_BRANCH
+    return tuple(pats)
+
+
+def apply_entries(
+    state_dict: Mapping[str, np.ndarray],
+    entries: list[Entry],
+    shapes,
+    ignore: Iterable[str] = (),
+) -> dict:
+    """Fills a NaN copy of `shapes` from `state_dict` through `entries` (module docstring)."""
+    variables = nan_variables(shapes)
+    used = set()
+    for e in entries:
+        if e.torch_key not in state_dict:
+            continue  # reported below as a NaN (missing) Flax path
+        value = np.asarray(state_dict[e.torch_key])
+        try:
+            target = _get(variables, (e.collection,) + e.path)
+        except (KeyError, TypeError):
+            raise ValueError(f"{e.torch_key}: no Flax variable {e.collection}/{'/'.join(e.path)} in the target model")
+        try:
+            new = e.transform(value, target.shape)
+        except ValueError as err:
+            raise ValueError(f"{e.torch_key}: {err}; the target {'/'.join(e.path)} has shape {target.shape}")
+        if new.shape != target.shape:
+            raise ValueError(
+                f"{e.torch_key}: checkpoint shape {tuple(value.shape)} does not fit "
+                f"{e.collection}/{'/'.join(e.path)} of shape {tuple(target.shape)}"
+            )
+        _set(variables, (e.collection,) + e.path, new.astype(target.dtype))
+        used.add(e.torch_key)
+
+    used |= _check_rbf_duplicates(state_dict)
+    patterns = [re.compile(p) for p in ignore]
+    unused = [k for k in state_dict if k not in used and not any(p.search(k) for p in patterns)]
+    if unused:
+        raise ValueError(f"{len(unused)} checkpoint tensors are not used by the target model: {unused[:20]}")
+    missing = [
+        "/".join(path) for path, v in _flat_paths(variables) if np.issubdtype(v.dtype, np.floating) and np.isnan(v).any()
+    ]
+    if missing:
+        raise ValueError(f"{len(missing)} Flax variables were not filled from the checkpoint: {missing[:20]}")
+    return variables
+
+
+def _check_rbf_duplicates(state_dict) -> set:
+    """Every radial basis instance holds the same buffers; the duplicates are used
+    only to check that (spec §3.3)."""
+    used = set()
+    for prefix in {k.split("bases.")[0] for k in state_dict if ".rbf.offset" in k and "bases." in k}:
+        for buf in ("offset", "temps"):
+            keys = [f"{prefix}bases.{inst}.rbf.{buf}" for inst in RBF_INSTANCES]
+            present = [k for k in keys if k in state_dict]
+            for k in present[1:]:
+                if not np.array_equal(np.asarray(state_dict[k]), np.asarray(state_dict[present[0]])):
+                    raise ValueError(f"{k} differs from {present[0]}; JMP's radial bases must be identical")
+            used |= set(present)
+    return used
+
+
+# ------------------------------------------------------------- public helpers
+def variable_shapes(model, kmax=None):
+    """jax.eval_shape of `model.init` on a small example batch (no compute, no memory).
+    `model` is a `GemNetOCBackbone` or one of the complete models of `jmp_jax.models.model`."""
+    from jmp_jax.models.bases import aggregation_sizes
+    from jmp_jax.models.gemnet_oc import GemNetOCBackbone, example_batch
+
+    batch = example_batch()
+    kmax = kmax or aggregation_sizes(batch)
+    rng = jax.random.PRNGKey(0)
+    if isinstance(model, GemNetOCBackbone):
+        h = np.zeros((batch.masks["node"].shape[0], model.config.emb_size_atom), np.float32)
+        return jax.eval_shape(lambda: model.init(rng, batch, h, kmax))
+    return jax.eval_shape(lambda: model.init(rng, batch, kmax))
+
+
+def convert_pretrain(state_dict, cfg: GemNetOCConfig, num_tasks: int = 4) -> dict:
+    """JMP pre-training state_dict -> variables of `GemNetOCPretrain(cfg, num_tasks)`."""
+    from jmp_jax.models.model import GemNetOCPretrain
+
+    shapes = variable_shapes(GemNetOCPretrain(cfg, num_tasks))
+    return apply_entries(state_dict, pretrain_entries(cfg, num_tasks), shapes, ignore_patterns(cfg))
+
+
+def convert_finetune_energy(state_dict, cfg: GemNetOCConfig) -> dict:
+    """JMP fine-tuning energy state_dict (`embedding.weight`, `backbone.*`, `out_energy.*`)
+    -> variables of `GemNetOCEnergyForces(cfg)`."""
+    from jmp_jax.models.model import GemNetOCEnergyForces
+
+    shapes = variable_shapes(GemNetOCEnergyForces(cfg))
+    return apply_entries(state_dict, finetune_energy_entries(cfg), shapes, ignore_patterns(cfg))
+
+
+def convert_finetune_start(state_dict, cfg: GemNetOCConfig) -> dict:
+    """Pre-training state_dict -> {"params": {"atom_embedding", "backbone"}, "constants": …}
+    for a fine-tuning model built on `cfg` (force branch dropped when cfg has none;
+    pre-training heads ignored, as JMP does)."""
+    from jmp_jax.models.model import GemNetOCEnergyForces
+
+    shapes = variable_shapes(GemNetOCEnergyForces(cfg))
+    shapes = {c: {k: v for k, v in tree.items() if k in ("atom_embedding", "backbone")} for c, tree in shapes.items()}
+    return apply_entries(state_dict, finetune_start_entries(cfg), shapes, ignore_patterns(cfg, PRETRAIN_HEADS))
+
+
+def convert_backbone(state_dict, cfg: GemNetOCConfig, prefix: str = "backbone", extra_ignore=()) -> dict:
+    """Backbone tensors under `prefix.` -> variables of `GemNetOCBackbone(cfg)` (no
+    `backbone` level). Keys outside the backbone must be listed in `extra_ignore`."""
+    from jmp_jax.models.gemnet_oc import GemNetOCBackbone
+
+    shapes = variable_shapes(GemNetOCBackbone(cfg))
+    return apply_entries(state_dict, backbone_entries(cfg, prefix, ()), shapes, ignore_patterns(cfg, extra_ignore))
+
+
+# ------------------------------------------------------------- weight recipe
+def recipe_tensor(key: str, shape, salt: str = "") -> np.ndarray:
+    """The parity fixtures' weight recipe (shared/parity/README.md)."""
+    seed = zlib.crc32((salt + key).encode()) % 2**32
+    shape = tuple(int(s) for s in shape)
+    scale = 1.0 / np.sqrt(shape[-1]) if len(shape) >= 2 else 0.1
+    return (np.random.RandomState(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def recipe_state_dict(
+    backbone_keys: Mapping,
+    meta: Mapping,
+    layout: str = "pretrain",
+    salt: str = "",
+    with_forces: bool = True,
+    num_tasks: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The fixtures' weights as a torch-style state_dict.
+
+    backbone_keys / meta: the parsed `{config}__backbone_keys.json` / `__meta.json`.
+    layout: "pretrain" (embedding.atom_embedding, backbone.*, output.out_{energy,forces}.{t})
+      or "finetune_energy" (embedding.weight, backbone.*, bias-free out_energy).
+    salt: "" for model weights, "ema:" for the EMA copy.
+    with_forces: backbone keys with the direct-force branch or without.
+    """
+    hp = meta["backbone_hparams"]
+    ea, ee = int(hp["emb_size_atom"]), int(hp["emb_size_edge"])
+    scale_factors = meta["scale_factors"]
+    out: dict[str, np.ndarray] = {}
+
+    def add(key, shape, seed_key=None):
+        out[key] = recipe_tensor(seed_key or key, shape, salt)
+
+    if layout == "pretrain":
+        add("embedding.atom_embedding.weight", (hp.get("num_elements", 120), ea))
+    elif layout == "finetune_energy":
+        # The fixtures' fine-tuning model shares the pre-training embedding tensor.
+        add("embedding.weight", (hp.get("num_elements", 120), ea), "embedding.atom_embedding.weight")
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+
+    entries = backbone_keys["with_direct_forces"]
+    keep = None if with_forces else set(
+        e if isinstance(e, str) else e["key"] for e in backbone_keys["without_forces"]
+    )
+    for e in entries:
+        key, shape = e["key"], tuple(e["shape"])
+        if keep is not None and key not in keep:
+            continue
+        local = key[len("backbone.") :]
+        if local.endswith(".rbf.offset"):
+            out[key] = np.asarray(meta["rbf_offset"], np.float32)
+        elif local.endswith(".rbf.temps"):
+            out[key] = np.asarray(meta["rbf_temps"], np.float32)
+        elif local.endswith(".scale_factor"):
+            out[key] = np.asarray(scale_factors[local[: -len(".scale_factor")]], np.float32)
+        else:
+            add(key, shape, local.replace(".seq_energy_pre.", ".layers."))
+
+    if layout == "pretrain":
+        tasks = num_tasks if num_tasks is not None else len(meta.get("tasks", [])) or 4
+        for t in range(tasks):
+            for head, width in (("out_energy", ea), ("out_forces", ee)):
+                for k in (0, 2, 4, 6):
+                    add(f"output.{head}.{t}.{k}.weight", (width, width))
+                    add(f"output.{head}.{t}.{k}.bias", (width,))
+                add(f"output.{head}.{t}.8.weight", (1, width))
+    else:
+        for k in (0, 2, 4, 6):
+            add(f"out_energy.{k}.weight", (ea, ea))
+        add("out_energy.8.weight", (1, ea))
+    return out
