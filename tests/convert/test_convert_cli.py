@@ -92,3 +92,21 @@ def test_load_rejects_non_model_directories(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="unknown model format"):
         load(tmp_path)
+
+
+def test_ase_calculator_matches_predict(converted):
+    from ase.build import molecule
+
+    from jmp_jax.graphs.build import GraphConfig
+    from jmp_jax.inference.calculator import PRETRAIN_NORMALIZATION, JMPCalculator
+
+    model = load(converted)
+    graph = GraphConfig(8.0, 30)
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = JMPCalculator(model, task="ani1x", graph=graph)
+    out = model.predict([atoms], graph=graph)[0]
+    e_std, f_std = PRETRAIN_NORMALIZATION["ani1x"]
+    assert atoms.get_potential_energy() == pytest.approx(float(out["energy"][2]) * e_std, rel=1e-6)
+    np.testing.assert_allclose(atoms.get_forces(), out["forces"][..., 2] * f_std, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs task="):
+        JMPCalculator(model)
