@@ -1,0 +1,377 @@
+"""Safe, torch-free decoding of pickled PyG `Data` objects (JMP/OCP LMDB values).
+
+What ``pickle.dumps(torch_geometric.data.Data(...))`` contains (checked with
+torch 2.13 / PyG 2.8 and the PyG-1.x layout):
+
+* the `Data` object: ``torch_geometric.data.data.Data`` created with NEWOBJ and
+  filled with BUILD. PyG 2.x state: ``{"_store": GlobalStorage(state={"_mapping":
+  {field: value}, "_parent": <the Data>}), "_edge_attr_cls": ..., "_tensor_attr_cls":
+  ...}``; PyG 1.x state: the fields themselves (``{"pos": ..., "x": None, ...}``).
+* each tensor: ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+  requires_grad, OrderedDict())``, where the storage is
+  ``torch.storage._load_from_bytes(b)`` and ``b`` is a complete *legacy*
+  (pre-zip) ``torch.save`` stream of that one storage: the pickled magic number
+  0x1950a86a20f9469cfc6c, protocol version 1001, a sys-info dict (endianness), the
+  storage pickled as the persistent id ``('storage', torch.<X>Storage, key,
+  location, numel, view_metadata)``, the list of storage keys, then per key an
+  int64 element count and the raw bytes.
+* scalars (``y``, ``sid``, ``natoms``...) are plain Python objects.
+
+Nothing in the file is imported or executed. Unpickling goes through
+`jmp_jax.convert.torch_pickle.TorchUnpickler`, whose ``find_class`` maps a
+whitelist of globals (tensor rebuild functions, storage types, dtypes,
+``OrderedDict``, numpy array/scalar reconstruction, ``_codecs.encode``) to numpy
+re-implementations and turns every other global (PyG classes included) into an
+inert stand-in that only records its state. This module adds the one global that
+LMDB values need beyond torch's zip format, ``torch.storage._load_from_bytes``,
+parsed here as the legacy stream above (itself unpickled with the same
+restrictions, in two passes: first to learn the storages' types and sizes, then
+to build them). `pyg_fields` turns a decoded `Data` (either PyG generation) or a
+plain dict into ``{field: value}`` with tensors as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from typing import Any
+
+import numpy as np
+
+from jmp_jax.convert.torch_pickle import (
+    InertObject,
+    TorchFileError,
+    TorchUnpickler,
+    UnsupportedTensor,
+    inert_class,
+    load_torch_file,
+)
+
+__all__ = [
+    "PickleDecodeError",
+    "load_torch_any",
+    "loads",
+    "loads_legacy_torch",
+    "pyg_fields",
+]
+
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+_LEGACY_MAGIC_PREFIX = pickle.dumps(LEGACY_MAGIC_NUMBER, protocol=2)[:-1]
+
+
+class PickleDecodeError(ValueError):
+    """A pickle that is malformed or holds something this reader cannot decode."""
+
+
+class _NoStorages:
+    """Archive stand-in for plain pickles: they have no persistent storages."""
+
+    big_endian = False
+
+    def read_storage(self, key, nbytes):
+        raise PickleDecodeError(f"unexpected persistent storage reference {key!r} in a plain pickle")
+
+
+class _LegacyStorages:
+    """Storage bytes of one legacy torch.save stream, by key."""
+
+    def __init__(self, raw: dict[str, np.ndarray], big_endian: bool):
+        self.raw = raw
+        self.big_endian = big_endian
+
+    def read_storage(self, key: str, nbytes: int) -> np.ndarray:
+        raw = self.raw.get(key)
+        if raw is None:
+            raise PickleDecodeError(
+                f"legacy torch stream references storage {key!r} but holds no data for it"
+            )
+        if raw.size < nbytes:
+            raise PickleDecodeError(
+                f"legacy torch storage {key!r} is truncated: {raw.size} of {nbytes} bytes"
+            )
+        return raw[:nbytes]
+
+
+class _Unpickler(TorchUnpickler):
+    """TorchUnpickler + ``torch.storage._load_from_bytes`` (legacy per-storage streams).
+
+    The common stream (one storage, no view) is parsed directly and its storage
+    built by this unpickler's own `persistent_load`, under a key made unique per
+    stream; anything else goes through the general two-pass `loads_legacy_torch`.
+    """
+
+    def __init__(self, file):
+        self._streams = _LegacyStorages({}, big_endian=False)
+        super().__init__(file, self._streams, copy=True)
+        self._count = 0
+
+    def find_class(self, module, name):
+        if (str(module), str(name)) == ("torch.storage", "_load_from_bytes"):
+            return self._load_from_bytes
+        return super().find_class(module, name)
+
+    def _load_from_bytes(self, b):
+        if not isinstance(b, (bytes, bytearray)):
+            raise PickleDecodeError(f"_load_from_bytes expects bytes, got {type(b).__name__}")
+        single = _single_storage_stream(bytes(b))
+        if single is None:
+            return loads_legacy_torch(bytes(b))
+        (module, name), key, location, numel, little, payload = single
+        stype = super().find_class(module, name)
+        itemsize = stype.itemsize() if callable(getattr(stype, "itemsize", None)) else None
+        if itemsize is None:
+            raise PickleDecodeError(f"storage of unknown type {module}.{name}")
+        nbytes = numel * itemsize
+        if len(payload) < nbytes:
+            raise PickleDecodeError(
+                f"legacy torch storage {key!r} declares {numel} elements ({nbytes} bytes) but only "
+                f"{len(payload)} bytes follow: truncated or corrupt"
+            )
+        self._count += 1
+        unique = f"{self._count}:{key}"
+        self._streams.raw[unique] = np.frombuffer(payload, dtype=np.uint8, count=nbytes)
+        self._streams.big_endian = not little
+        return self.persistent_load(("storage", stype, unique, location, numel))
+
+
+class _PidUnpickler(pickle.Unpickler):
+    """Reads the object pickle of a single-storage stream as plain data: globals become
+    ``(module, name)`` tuples (never called: calling a tuple fails) and the persistent
+    id is returned as is."""
+
+    def find_class(self, module, name):
+        return (str(module), str(name))
+
+    def persistent_load(self, pid):
+        return ("__pid__", pid)
+
+
+def _single_storage_stream(data: bytes):
+    """``((module, name), key, location, numel, little_endian, payload)`` if `data` is a
+    legacy stream of exactly one storage without a view (what ``Storage.__reduce__``
+    writes); None for anything else (handled by the general path)."""
+    f = io.BytesIO(data)
+    try:
+        if _plain_load(f) != LEGACY_MAGIC_NUMBER or _plain_load(f) != LEGACY_PROTOCOL_VERSION:
+            return None
+        sys_info = _plain_load(f)
+        obj = _PidUnpickler(f).load()
+        keys = _plain_load(f)
+    except Exception:  # anything unusual: the general path decodes it or reports why not
+        return None
+    if not (isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__pid__"):
+        return None
+    pid = obj[1]
+    if not (
+        isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage") and pid[5] is None
+    ):
+        return None
+    _, stype, key, location, numel, _ = pid
+    if isinstance(key, bytes):
+        key = key.decode("ascii", "replace")
+    if not (isinstance(stype, tuple) and len(stype) == 2 and isinstance(key, str) and keys == [key]):
+        return None
+    if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        return None
+    little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
+    header = f.read(8)
+    if len(header) != 8:
+        raise PickleDecodeError(f"legacy torch stream truncated before storage {key!r}")
+    count = int(np.frombuffer(header, dtype="<i8" if little else ">i8")[0])
+    if count != numel:
+        raise PickleDecodeError(
+            f"legacy torch storage {key!r}: its record holds {count} elements but its id declares {numel}"
+        )
+    return stype, key, location, numel, little, data[f.tell() :]
+
+
+class _LegacyUnpickler(TorchUnpickler):
+    """The object pickle of a legacy stream: 6-element storage ids (with view metadata)."""
+
+    def __init__(self, file, storages: _LegacyStorages):
+        super().__init__(file, storages, copy=True)
+        self._legacy = storages
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 6:
+            typename, stype, key, location, numel, view = pid
+            if view is None:
+                return super().persistent_load((typename, stype, key, location, numel))
+            if not (isinstance(view, tuple) and len(view) == 3):
+                raise PickleDecodeError(f"bad storage view metadata {view!r}")
+            view_key, offset, view_size = view
+            itemsize = stype.itemsize() if callable(getattr(stype, "itemsize", None)) else None
+            if itemsize is None:
+                raise PickleDecodeError(f"unknown storage type {stype!r} in a storage view")
+            root = self._legacy.read_storage(str(key), int(numel) * itemsize)
+            start, stop = int(offset) * itemsize, (int(offset) + int(view_size)) * itemsize
+            if not 0 <= start <= stop <= root.size:
+                raise PickleDecodeError(f"storage view {view!r} outside its root storage {key!r}")
+            self._legacy.raw.setdefault(f"{view_key}", root[start:stop])
+            return super().persistent_load((typename, stype, view_key, location, view_size))
+        return super().persistent_load(pid)
+
+
+class _ScanUnpickler(TorchUnpickler):
+    """First pass over a legacy object pickle: records storage ids, builds nothing real."""
+
+    def __init__(self, file):
+        super().__init__(file, _NoStorages(), copy=True)
+        self.pids: list[tuple] = []
+
+    def find_class(self, module, name):
+        found = super().find_class(module, name)
+        if callable(getattr(found, "itemsize", None)):  # a storage type: needed for sizes
+            return found
+        return inert_class(str(module), str(name))  # everything else: a stand-in
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] in ("storage", b"storage")):
+            raise PickleDecodeError(f"unsupported persistent id {pid!r} in a legacy torch stream")
+        self.pids.append(pid)
+        return inert_class("torch", "_storage_placeholder")()
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """For the header pickles of a legacy stream: no globals at all."""
+
+    def find_class(self, module, name):
+        raise PickleDecodeError(f"unexpected global {module}.{name} in a legacy torch stream header")
+
+
+def _plain_load(f):
+    try:
+        return _PlainUnpickler(f).load()
+    except PickleDecodeError:
+        raise
+    except Exception as e:
+        raise PickleDecodeError(f"malformed legacy torch stream header ({type(e).__name__}: {e})") from None
+
+
+def loads_legacy_torch(data: bytes) -> Any:
+    """Decode a complete legacy (non-zip) ``torch.save`` stream given as bytes."""
+    f = io.BytesIO(data)
+    magic = _plain_load(f)
+    if magic != LEGACY_MAGIC_NUMBER:
+        raise PickleDecodeError("not a legacy torch stream (bad magic number)")
+    version = _plain_load(f)
+    if version != LEGACY_PROTOCOL_VERSION:
+        raise PickleDecodeError(f"unsupported legacy torch protocol version {version!r}")
+    sys_info = _plain_load(f)
+    little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
+    start = f.tell()
+    # pass 1: where the object pickle ends, and which storages (type, size) it names
+    try:
+        scan = _ScanUnpickler(f)
+        scan.load()
+    except PickleDecodeError:
+        raise
+    except Exception as e:
+        raise PickleDecodeError(f"malformed legacy torch object pickle ({type(e).__name__}: {e})") from None
+    keys = _plain_load(f)
+    if not isinstance(keys, list):
+        raise PickleDecodeError(f"legacy torch stream: storage key list is a {type(keys).__name__}")
+    itemsizes: dict[str, int] = {}
+    for pid in scan.pids:
+        stype, key = pid[1], str(pid[2])
+        size = stype.itemsize() if callable(getattr(stype, "itemsize", None)) else None
+        if size is None:
+            raise PickleDecodeError(f"storage {key!r} has an unknown type {stype!r}")
+        itemsizes.setdefault(key, size)
+    order = "<" if little else ">"
+    raw: dict[str, np.ndarray] = {}
+    total = len(data)
+    for key in keys:
+        key = str(key)
+        if key not in itemsizes:
+            raise PickleDecodeError(f"legacy torch stream lists storage {key!r} that its pickle never names")
+        header = f.read(8)
+        if len(header) != 8:
+            raise PickleDecodeError(f"legacy torch stream truncated before storage {key!r}")
+        numel = int(np.frombuffer(header, dtype=f"{order}i8")[0])
+        nbytes = numel * itemsizes[key]
+        if numel < 0 or f.tell() + nbytes > total:
+            raise PickleDecodeError(
+                f"legacy torch storage {key!r} declares {numel} elements ({nbytes} bytes) but only "
+                f"{total - f.tell()} bytes remain: truncated or corrupt"
+            )
+        raw[key] = np.frombuffer(f.read(nbytes), dtype=np.uint8)
+    # pass 2: build the object with the storages
+    f.seek(start)
+    try:
+        return _LegacyUnpickler(f, _LegacyStorages(raw, big_endian=not little)).load()
+    except (PickleDecodeError, TorchFileError):
+        raise
+    except Exception as e:
+        raise PickleDecodeError(f"malformed legacy torch object pickle ({type(e).__name__}: {e})") from None
+
+
+def loads(data: bytes) -> Any:
+    """Unpickle `data` (an LMDB value, a ``length`` entry, a small side file) safely."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PickleDecodeError(f"expected bytes, got {type(data).__name__}")
+    try:
+        return _Unpickler(io.BytesIO(bytes(data))).load()
+    except (PickleDecodeError, TorchFileError):
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise PickleDecodeError(f"cannot unpickle ({type(e).__name__}: {e})") from None
+
+
+def load_torch_any(path: str | os.PathLike) -> Any:
+    """A ``torch.save`` file in either format (zip, or legacy pre-1.6), decoded safely."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC_PREFIX))
+    if head == _LEGACY_MAGIC_PREFIX:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            return loads_legacy_torch(data)
+        except PickleDecodeError as e:
+            raise PickleDecodeError(f"{path}: {e}") from None
+    return load_torch_file(path)
+
+
+# --------------------------------------------------------------------------- PyG Data -> fields
+_PYG_DATA_NAMES = {"Data"}
+
+
+def pyg_fields(obj: Any) -> dict[str, Any]:
+    """``{field: value}`` of a decoded PyG `Data` (2.x ``_store`` or 1.x ``__dict__``) or dict.
+
+    PyG 1.x objects keep their non-None, non-underscore attributes (what JMP's
+    ``pyg2_data_transform`` passes to a new `Data`). Raises `PickleDecodeError` for
+    anything else (HeteroData, Batch, foreign classes).
+    """
+    if isinstance(obj, dict):
+        return dict(obj)
+    if isinstance(obj, InertObject):
+        module, _, name = obj.pickle_global.rpartition(".")
+        if module.startswith("torch_geometric") and name in _PYG_DATA_NAMES:
+            state = obj.pickle_fields
+            store = state.get("_store")
+            if store is not None:
+                if not isinstance(store, InertObject):
+                    raise PickleDecodeError(f"PyG Data with an unexpected _store {type(store).__name__}")
+                mapping = store.pickle_fields.get("_mapping")
+                if not isinstance(mapping, dict):
+                    raise PickleDecodeError("PyG Data store without a _mapping dict")
+                return dict(mapping)
+            return {k: v for k, v in state.items() if v is not None and not str(k).startswith("_")}
+        raise PickleDecodeError(f"expected a torch_geometric Data object, found {obj.pickle_global}")
+    raise PickleDecodeError(f"expected a torch_geometric Data object, found {type(obj).__name__}")
+
+
+def describe(value: Any) -> str:
+    """Short description of a decoded value for error messages."""
+    if isinstance(value, np.ndarray):
+        return f"array {value.dtype}{list(value.shape)}"
+    if isinstance(value, UnsupportedTensor):
+        return repr(value)
+    if isinstance(value, InertObject):
+        return f"<{value.pickle_global}>"
+    return type(value).__name__
