@@ -47,6 +47,7 @@ class GemNetOCBackbone(nn.Module):
         cfg = self.config
         kmax = resolve_kmax(batch, kmax)
         batch = jax.tree.map(jnp.asarray, batch)  # host numpy arrays may meet traced indices
+        h = jnp.asarray(h)
         g = batch.graphs
         mask = batch.masks["main"]
         boost = cfg.edge_dropout if (not deterministic and cfg.edge_dropout) else None

@@ -102,3 +102,17 @@ class ConfigBundle:
 @functools.lru_cache(maxsize=None)
 def bundle(config: str) -> ConfigBundle:
     return ConfigBundle(config)
+
+
+def finetune_float64(b: ConfigBundle, batch):
+    """The same fine-tuning model evaluated in float64 (x64): a referee for how
+    accurate float32 gradient forces (ours and JMP's) can be."""
+    with jax.enable_x64(True):
+        v64 = jax.tree.map(lambda x: np.asarray(x, np.float64), b.finetune_vars)
+        g = batch.graphs
+        nodes = dict(g.nodes, positions=np.asarray(g.nodes["positions"], np.float64))
+        glob = dict(g.globals, cell=np.asarray(g.globals["cell"], np.float64))
+        batch64 = batch.replace(graphs=g._replace(nodes=nodes, globals=glob))
+        model = GemNetOCEnergyForces(b.cfg_noforces)
+        energy, forces = jax.jit(lambda v, bb: energy_and_forces(model, v, bb, b.kmax))(v64, batch64)
+        return np.asarray(energy), np.asarray(forces)
