@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmp_jax.data.batch import bucket_size
+
 from jmp_jax.models.layers import CONSTANTS, Dense, he_orthogonal_torch, scaled_silu
 
 # Real spherical harmonics Y_l^0(z), l = 0..6, as JMP's sympy-generated constants
@@ -173,21 +175,13 @@ _RANK_FIELDS = {
 _RANK_DIMS = {"e2e": "e2e", "a2e": "a2e", "e2a": "e2a", "quad": "quad", "a2a": "a2a"}
 
 
-def _bucket(n: int) -> int:
-    """Smallest m·2^e >= n with m in {4,5,6,7} (at least 1)."""
-    if n <= 4:
-        return max(n, 1)
-    step = 1 << max(0, (n - 1).bit_length() - 3)
-    return -(-n // step) * step
-
-
 def aggregation_sizes(batch, bucketed: bool = True) -> AggregationSizes:
     """Kmax of every aggregation of a (host, numpy) GraphBatch, bucketed by default."""
     sizes = {}
     for name, field in _RANK_FIELDS.items():
         ranks = np.asarray(batch.indices[field])[np.asarray(batch.masks[_RANK_DIMS[name]])]
         n = int(ranks.max()) + 1 if ranks.size else 1
-        sizes[name] = _bucket(n) if bucketed else n
+        sizes[name] = bucket_size(n, minimum=1) if bucketed else n
     return AggregationSizes(**sizes)
 
 
