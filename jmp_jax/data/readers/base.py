@@ -100,6 +100,24 @@ class EntrySource(Source):
             raise ValueError(f"{self.name}: unknown split {split!r}; this source has {self.splits()}")
 
 
+class IndexSplitSource(EntrySource):
+    """An `EntrySource` whose splits are index arrays in `self._split`
+    ({split name: record indices in JMP's permutation order})."""
+
+    _split: dict
+
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self._split)
+
+    def num_records(self, split: str) -> int | None:
+        self._check_split(split)
+        return int(self._split[split].size)
+
+    def split_indices(self) -> dict[str, np.ndarray]:
+        """Record indices per split, in JMP's shuffled order (as JMP saves them)."""
+        return {k: v.copy() for k, v in self._split.items()}
+
+
 def check_order(order: str) -> str:
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")

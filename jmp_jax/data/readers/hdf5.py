@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from jmp_jax.data.readers import splits as _splits
-from jmp_jax.data.readers.base import EntrySource, check_order, find_file, logger, ordered
+from jmp_jax.data.readers.base import EntrySource, IndexSplitSource, check_order, find_file, logger, ordered
 from jmp_jax.data.readers.pyg_pickle import PickleDecodeError, loads
 from jmp_jax.data.readers.units import (
     ASE_HARTREE,
@@ -119,7 +119,7 @@ def _get(arrays: dict, role: str, keys: Mapping[str, str], rid: str, index: int 
 
 
 # --------------------------------------------------------------------------- SPICE
-class SpiceSource(EntrySource):
+class SpiceSource(IndexSplitSource):
     """SPICE subset HDF5 (JMP: ``dipeptides.h5``, ``solvated_amino_acids.h5``).
 
     Options: ``subset`` (file name stem when `path` is a directory), ``seed=42``,
@@ -187,16 +187,9 @@ class SpiceSource(EntrySource):
     def num_conformers(self) -> int:
         return int(self._offsets[-1])
 
-    def splits(self):
-        return tuple(self._split)
-
-    def num_records(self, split):
-        self._check_split(split)
+    def num_records(self, split):  # unsplittable groups are reported in the first split
         first = split == self.splits()[0]
-        return int(self._split[split].size) + (len(self._skipped) if first else 0)
-
-    def split_indices(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self._split.items()}
+        return super().num_records(split) + (len(self._skipped) if first else 0)
 
     def locate(self, index: int) -> tuple[str, int]:
         """(group name, conformer index) of a flat conformer index."""

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from jmp_jax.data.readers import splits as _splits
-from jmp_jax.data.readers.base import EntrySource, check_order, find_file, logger, ordered
+from jmp_jax.data.readers.base import EntrySource, IndexSplitSource, check_order, find_file, logger, ordered
 from jmp_jax.data.readers.jsonio import iter_json_array, load_json, structure_arrays
 from jmp_jax.data.readers.units import as_stored, check_precision
 from jmp_jax.data.record import Record, RecordError
@@ -262,7 +262,7 @@ class MatbenchSource(EntrySource):
         )
 
 
-class QMOFSource(EntrySource):
+class QMOFSource(IndexSplitSource):
     """QMOF database (figshare 13147324, JMP uses v14). Options: ``seed=42``,
     ``split_sizes`` (default 0.8 / rest / 0.1), ``order="index"``, ``precision="jmp"``.
 
@@ -302,15 +302,6 @@ class QMOFSource(EntrySource):
         self._structures = None
         self._extra: list[RecordError] = []
 
-    def splits(self):
-        return tuple(self._split)
-
-    def num_records(self, split):
-        self._check_split(split)
-        return int(self._split[split].size)
-
-    def split_indices(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self._split.items()}
 
     def _load_structures(self):
         """Streams the structure file once: per position (id, numbers, xyz, matrix) or a reason."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from jmp_jax.data.readers import splits as _splits
-from jmp_jax.data.readers.base import EntrySource, check_order, find_file, ordered
+from jmp_jax.data.readers.base import IndexSplitSource, check_order, find_file, ordered
 from jmp_jax.data.readers.units import JMP_KCAL_MOL_TO_EV, as_stored, check_precision, scalar, scale
 from jmp_jax.data.record import Record, RecordError
 
@@ -59,7 +59,7 @@ def _npz_shape(path: Path, npz, key: str) -> tuple[int, ...]:
         raise ValueError(f"{path}: cannot read the header of array {key!r}: {e}") from None
 
 
-class _NpzTrajectory(EntrySource):
+class _NpzTrajectory(IndexSplitSource):
     """One molecule's trajectory in an npz; subclasses name the keys and the split sizes."""
 
     name = "?"
@@ -89,16 +89,6 @@ class _NpzTrajectory(EntrySource):
         self._split = _splits.jmp_split(self.num_frames, sizes, self.seed)
         self._arrays = None
 
-    def splits(self) -> tuple[str, ...]:
-        return tuple(self._split)
-
-    def num_records(self, split: str) -> int | None:
-        self._check_split(split)
-        return int(self._split[split].size)
-
-    def split_indices(self) -> dict[str, np.ndarray]:
-        """Frame indices per split, in JMP's shuffled order (as JMP saves them)."""
-        return {k: v.copy() for k, v in self._split.items()}
 
     def _load(self):
         if self._arrays is None:

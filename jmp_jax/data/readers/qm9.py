@@ -60,7 +60,7 @@ import numpy as np
 from ase.data import atomic_numbers as _SYMBOL_TO_Z
 
 from jmp_jax.data.readers import splits as _splits
-from jmp_jax.data.readers.base import EntrySource, check_order, logger, ordered
+from jmp_jax.data.readers.base import IndexSplitSource, check_order, logger, ordered
 from jmp_jax.data.readers.pyg_pickle import PickleDecodeError, load_torch_any, pyg_fields
 from jmp_jax.data.readers.units import PYG_HAR2EV, PYG_KCALMOL2EV, check_precision
 from jmp_jax.data.record import Record, RecordError
@@ -142,7 +142,7 @@ def _detect(path: Path) -> tuple[str, Path]:
     raise ValueError(f"qm9: no qm9_v3.pt, gdb9.sdf or qm9_part1.csv in {path} or {path / 'raw'}")
 
 
-class QM9Source(EntrySource):
+class QM9Source(IndexSplitSource):
     """QM9 from ``qm9_v3.pt``, PyG's raw files or qm9pack (see the module docstring).
 
     Options: ``format`` (``"pyg_processed"``, ``"pyg_raw"``, ``"qm9pack"``; detected
@@ -202,15 +202,6 @@ class QM9Source(EntrySource):
         sizes = _splits.normalize_sizes(split_sizes, _splits.qm9_sizes())
         self._split = _splits.jmp_split(n, sizes, int(seed))
 
-    def splits(self):
-        return tuple(self._split)
-
-    def num_records(self, split):
-        self._check_split(split)
-        return int(self._split[split].size)
-
-    def split_indices(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self._split.items()}
 
     def close(self) -> None:
         self._reader.close()
