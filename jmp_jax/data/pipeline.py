@@ -75,13 +75,18 @@ class Example:
     graph_labels: dict
 
 
-def make_example(source: GraphSource, index: int) -> Example:
-    """Record `index` of `source` -> graphs + labels. Raises ValueError on bad input."""
+def make_example(source: GraphSource, index: int, seed=None) -> Example:
+    """Record `index` of `source` -> graphs + labels. Raises ValueError on bad input.
+
+    seed: entropy for the training-time edge dropout of `source.graph` (the
+    loader passes (sampler seed, process, epoch, position), so a resumed run
+    drops the same edges)."""
     record = source.records[index]
     pbc = record.pbc if source.pbc is None else np.full(3, bool(source.pbc))
     structure = Structure.create(record.positions, record.atomic_numbers, record.cell if pbc.any() else None,
                                  pbc, record.tags, id=f"{source.name}/{record.id}")
-    graphs = build_graphs(structure, source.graph)
+    rng = np.random.default_rng(seed) if source.graph.edge_dropout > 0.0 else None
+    graphs = build_graphs(structure, source.graph, rng)
     n = record.num_atoms
     energy = np.nan if record.energy is None else record.energy
     if source.linear_reference is not None and record.energy is not None:
@@ -108,13 +113,15 @@ def _init_worker(sources):
     _WORKER_SOURCES = sources
 
 
-def _build_chunk(items):
-    """[(dataset, record)] -> [Example | (id, reason)] in a worker process."""
+def _build_chunk(items, sources=None):
+    """[(dataset, record, seed)] -> [Example | (id, reason)] (in a worker process,
+    where `sources` is the worker's global)."""
+    sources = _WORKER_SOURCES if sources is None else sources
     out = []
-    for d, r in items:
-        source = _WORKER_SOURCES[d]
+    for d, r, seed in items:
+        source = sources[d]
         try:
-            out.append(make_example(source, r))
+            out.append(make_example(source, r, seed))
         except (ValueError, IndexError) as e:
             out.append((f"{source.name}[{r}]", str(e)))
     return out
@@ -140,6 +147,17 @@ def fits(total: dict, sizes: dict, budget: PadSizes) -> bool:
     return all(total[d] + sizes[d] + 1 <= budget[d] for d in DIMS)
 
 
+# Rank fields whose maximum + 1 is the per-row slot count the model aggregates
+# over (`jmp_jax.models.bases.AggregationSizes`, same names).
+RANK_FIELDS = {"e2e": "e2e_out_agg", "a2e": "a2e_out_agg", "e2a": "e2a_out_agg", "quad": "quad_out_agg",
+               "a2a": "a2a_target_rank"}
+
+
+def row_maxima(graphs: StructureGraphs) -> dict[str, int]:
+    """Most entries any receiving row of this structure has, per aggregation."""
+    return {k: int(graphs[f].max()) + 1 if graphs[f].size else 1 for k, f in RANK_FIELDS.items()}
+
+
 def estimate_budget(examples: Sequence[StructureGraphs], target_graphs: int, headroom: float = 1.2) -> PadSizes:
     """A budget that packs about `target_graphs` structures like `examples` per batch."""
     sizes = {d: np.array([g.sizes[d] for g in examples], dtype=np.float64) for d in DIMS}
@@ -149,6 +167,25 @@ def estimate_budget(examples: Sequence[StructureGraphs], target_graphs: int, hea
         budget[d] = bucket_size(int(np.ceil(want)) + 1)
     budget["graph"] = bucket_size(max(int(target_graphs * headroom), 1) + 1)
     return PadSizes(budget)
+
+
+def local_batch_count(mesh, per_device: int = 1) -> int:
+    """Packed batches this process contributes per step: its devices in `mesh` × per_device."""
+    import jax
+
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat) * per_device
+
+
+def shard_batches(batches: Sequence[GraphBatch], mesh) -> GraphBatch:
+    """This process's packed host batches -> one global batch stacked on a leading
+    axis sharded over the mesh's 'data' axis (all processes call this together,
+    each with `local_batch_count` batches)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *batches)
+    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, x), stacked)
 
 
 class GraphLoader:
@@ -162,11 +199,19 @@ class GraphLoader:
       device on a new leading axis and is placed with a NamedSharding over a
       ('data',) mesh of these devices. None yields host numpy batches (one per step).
     epochs: stop after this many epochs (None = endless; validation uses 1).
+    kmax: per-aggregation slot counts fixed for the run ({"e2e": .., "a2e": ..,
+      "e2a": .., "quad": .., "a2a": ..}); a structure with a row holding more
+      entries is skipped (logged), since the model would drop the excess.
+    mesh: a ('data',) device mesh, possibly spanning processes; each process
+      stacks `len(its devices) * per_device` packed batches per step and the
+      global array is sharded over the mesh (overrides `devices`).
+    per_device: packed batches per device and step (gradient accumulation).
     """
 
     def __init__(self, sources: Sequence[GraphSource], sampler: MixtureSampler, budget: PadSizes,
                  workers: int = 0, devices=None, prefetch: int = 2, chunk: int = 16,
-                 state: SamplerState | dict | None = None, epochs: int | None = None):
+                 state: SamplerState | dict | None = None, epochs: int | None = None,
+                 kmax=None, mesh=None, per_device: int = 1):
         if len(sources) != len(sampler.sizes):
             raise ValueError(f"{len(sources)} sources but the sampler mixes {len(sampler.sizes)} datasets")
         self.sources = list(sources)
@@ -177,6 +222,9 @@ class GraphLoader:
         self.prefetch = prefetch
         self.chunk = chunk
         self.epochs = epochs
+        self.kmax = None if kmax is None else {k: int(kmax[k]) for k in RANK_FIELDS}
+        self.mesh = mesh
+        self.per_device = per_device
         if isinstance(state, dict):
             state = SamplerState.from_dict(state)
         self._start = state or SamplerState()
@@ -191,9 +239,8 @@ class GraphLoader:
     def _examples(self) -> Iterator[tuple[object, SamplerState]]:
         stream = self.sampler.stream(self._start, epochs=self.epochs)
         if self.workers <= 0:
-            _init_worker(self.sources)
             for d, r, st in stream:
-                yield _build_chunk([(d, r)])[0], st
+                yield _build_chunk([(d, r, self._seed(st))], self.sources)[0], st
             return
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs JAX
         with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
@@ -207,7 +254,8 @@ class GraphLoader:
                     if len(items) == self.chunk:
                         break
                 if items:
-                    pending.append((pool.submit(_build_chunk, [(d, r) for d, r, _ in items]), [i[2] for i in items]))
+                    work = [(d, r, self._seed(st)) for d, r, st in items]
+                    pending.append((pool.submit(_build_chunk, work), [i[2] for i in items]))
                 return bool(items)
 
             for _ in range(self.workers * 4):
@@ -230,8 +278,16 @@ class GraphLoader:
                 last_state = st if not current else last_state
                 continue
             sizes = example.graphs.sizes
+            reason = None
             if not fits(collections.Counter(), sizes, self.budget):
-                self._skip(example.graphs.id, f"larger than the batch budget ({dict(sizes)})")
+                reason = f"larger than the batch budget ({dict(sizes)})"
+            elif self.kmax is not None:
+                maxima = row_maxima(example.graphs)
+                over = {k: v for k, v in maxima.items() if v > self.kmax[k]}
+                if over:
+                    reason = f"aggregation rows exceed the run's slot counts ({over} > {self.kmax})"
+            if reason is not None:
+                self._skip(example.graphs.id, reason)
                 last_state = st if not current else last_state
                 continue
             if current and not fits(total, sizes, self.budget):
@@ -242,6 +298,10 @@ class GraphLoader:
             last_state = st
         if current:
             yield self._collate(current, total), last_state
+
+    def _seed(self, st: SamplerState) -> tuple[int, ...]:
+        """Edge-dropout entropy of the record that ends at stream state `st`."""
+        return (self.sampler.seed, self.sampler.process_index, st.epoch, st.position)
 
     def _skip(self, structure_id, reason):
         self.stats.skipped += 1
@@ -257,7 +317,7 @@ class GraphLoader:
 
     # -- device side
     def __iter__(self):
-        if self.devices is None:
+        if self.devices is None and self.mesh is None:
             for batch, state in self.host_batches():
                 self._state = state
                 yield batch
@@ -266,11 +326,13 @@ class GraphLoader:
 
     def _device_iter(self):
         import jax
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        from jax.sharding import Mesh
 
-        mesh = Mesh(np.asarray(self.devices), ("data",))
-        sharding = NamedSharding(mesh, PartitionSpec("data"))
-        n = len(self.devices)
+        mesh = self.mesh if self.mesh is not None else Mesh(np.asarray(self.devices), ("data",))
+        n = local_batch_count(mesh, self.per_device)
+
+        def place(group):
+            return shard_batches(group, mesh)
         q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         stop = threading.Event()
 
@@ -290,14 +352,12 @@ class GraphLoader:
                     group.append(batch)
                     last = state
                     if len(group) == n:
-                        stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *group)
-                        if not put((jax.device_put(stacked, sharding), state)):
+                        if not put((place(group), state)):
                             return  # the consumer left; closing host_batches shuts the workers down
                         group = []
                 if group:  # the last step of a finite stream: fill the other devices with padding
                     group += [empty_like(group[0])] * (n - len(group))
-                    stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *group)
-                    put((jax.device_put(stacked, sharding), last))
+                    put((place(group), last))
                 put(None)
             except BaseException as e:  # surface worker errors in the consumer
                 put(e)
@@ -316,3 +376,4 @@ class GraphLoader:
                 yield batch
         finally:
             stop.set()
+            thread.join(timeout=60)  # let the producer leave device placement before shutdown

@@ -51,6 +51,10 @@ class GraphConfig:
     backend: neighbour search ("vesin" or the numpy reference).
     tie_break: "stable" (distance, then source and offset) or "jmp" (JMP's exact
       choice among equidistant neighbours; see `select_max_neighbors`).
+    edge_dropout: training-time probability of dropping each a2a edge before the
+      other three graphs are sub-selected from it, so all four graphs lose the
+      edges (JMP's pre-training, jmp_training_spec §1.4). Needs an `rng` in
+      `build_graphs`; 0 for validation and inference.
     """
 
     cutoff: float = 12.0
@@ -58,6 +62,11 @@ class GraphConfig:
     qint_tags: tuple[int, ...] = (1, 2)
     backend: Backend = "vesin"
     tie_break: TieBreak = "stable"
+    edge_dropout: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.edge_dropout < 1.0:
+            raise ValueError(f"edge_dropout must be in [0, 1), got {self.edge_dropout}")
 
     @property
     def neighbors(self) -> MaxNeighbors:
@@ -144,13 +153,20 @@ class StructureGraphs:
         return self.arrays[name]
 
 
-def build_edge_sets(structure: Structure, config: GraphConfig) -> dict[str, EdgeSet]:
+def build_edge_sets(structure: Structure, config: GraphConfig,
+                    rng: np.random.Generator | None = None) -> dict[str, EdgeSet]:
     """The four graphs before symmetrisation: {"a2a", "main", "a2ee2a", "qint"},
-    each sorted by (target, source, offset)."""
+    each sorted by (target, source, offset). With `config.edge_dropout` > 0 each
+    a2a edge is kept with probability 1 − p (drawn from `rng`) before the others
+    are sub-selected."""
     k = config.neighbors
     n = structure.num_atoms
     everything = radius_graph(structure, config.cutoff, backend=config.backend)
     a2a = everything.take(select_max_neighbors(everything, k.a2a, n, config.tie_break))
+    if config.edge_dropout > 0.0:
+        if rng is None:
+            raise ValueError(f"{describe(structure)}: edge_dropout needs a random generator")
+        a2a = a2a.take(rng.random(len(a2a.senders)) >= config.edge_dropout)
     graphs = {"a2a": a2a}
     ranks = neighbor_ranks(a2a, config.tie_break)  # one ranking serves all three selections
     for name in ("main", "a2ee2a", "qint"):
@@ -163,10 +179,12 @@ def build_edge_sets(structure: Structure, config: GraphConfig) -> dict[str, Edge
     return graphs
 
 
-def build_graphs(structure: Structure, config: GraphConfig) -> StructureGraphs:
-    """All graphs and interaction indices of one structure (spec §2.5–§2.7)."""
+def build_graphs(structure: Structure, config: GraphConfig,
+                 rng: np.random.Generator | None = None) -> StructureGraphs:
+    """All graphs and interaction indices of one structure (spec §2.5–§2.7);
+    `rng` drives the training-time edge dropout (`GraphConfig.edge_dropout`)."""
     try:
-        edge_sets = build_edge_sets(structure, config)
+        edge_sets = build_edge_sets(structure, config, rng)
     except ValueError:
         raise
     except Exception as e:  # a library failure is still this structure's failure

@@ -352,7 +352,7 @@ class GemNetOCBases(nn.Module):
         # --- atom <-> atom (a2a edges onto their targets), with training-time edge dropout
         w_aa = jnp.dot(r_aa, self.param("mlp_rbf_aint", _aint_init, (num_radial, rbf)))  # [E_aa, rbf]
         aa_mask = masks["a2a"]
-        if not deterministic and cfg.edge_dropout:
+        if not deterministic and cfg.edge_dropout and not cfg.edge_dropout_on_host:
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.edge_dropout, aa_mask.shape)
             aa_mask = aa_mask & keep
         entry, valid = make_slots(ix["a2a_receivers"], ix["a2a_target_rank"], aa_mask, num_atoms, kmax.a2a)

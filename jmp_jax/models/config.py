@@ -46,6 +46,10 @@ class GemNetOCConfig:
     regress_forces: bool = True
     # Training-only dropout of a2a edges with the 1/(1-p) output-block boost (spec §3.5, §3.9).
     edge_dropout: float | None = None
+    # True: the a2a edges were already dropped when the graphs were built
+    # (`GraphConfig.edge_dropout`, JMP's way: all four graphs lose them), so the
+    # model only applies the 1/(1-p) boost. False: the model drops a2a edges itself.
+    edge_dropout_on_host: bool = False
     # Not in JMP. For exactly (anti)parallel edge pairs (an atom's own periodic
     # images) JMP's dihedral angle is decided by float32 rounding noise of a cross
     # product, which makes small periodic cells' energies depend on the rounding
@@ -154,6 +158,7 @@ class GemNetOCConfig:
                 raise ValueError(f"JMP setting {key}={hp[key]!r} is not implemented (only {want!r})")
         if hp.get("dropout"):
             raise ValueError("backbone dropout is not implemented (JMP never sets it)")
-        names = {f.name for f in dataclasses.fields(cls)} - {"envelope_exponent", "robust_dihedrals"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"envelope_exponent", "robust_dihedrals",
+                                                             "edge_dropout_on_host"}
         values = {k: hp[k] for k in names if k in hp}
         return cls(**values)

@@ -102,8 +102,13 @@ class EnergyHead(nn.Module):
 
     @nn.compact
     def __call__(self, out, batch, deterministic: bool = True):
-        per_atom = HeadMLP(self.width, 1, bias=self.bias, name="mlp")(out.energy)[:, 0]
+        per_atom = _at_least_f32(HeadMLP(self.width, 1, bias=self.bias, name="mlp")(out.energy)[:, 0])
         return graph_reduce(per_atom, batch.node_graph, batch.masks["node"], _num_graphs(batch), self.reduction)
+
+
+def _at_least_f32(x):
+    """Per-atom / per-edge scalars are summed in float32 even under bf16 compute."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 class DirectForceHead(nn.Module):
@@ -117,7 +122,7 @@ class DirectForceHead(nn.Module):
     def __call__(self, out, batch, deterministic: bool = True):
         if out.forces is None:
             raise ValueError("a direct-force head needs a backbone with direct_forces=True")
-        scalar = HeadMLP(self.width, 1, bias=self.bias, name="mlp")(out.forces)[:, 0]
+        scalar = _at_least_f32(HeadMLP(self.width, 1, bias=self.bias, name="mlp")(out.forces)[:, 0])
         return edge_vectors_to_atoms(scalar, out, batch)
 
 

@@ -60,6 +60,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", he_orthogonal_kernel, (x.shape[-1], self.features))
+        if jnp.finfo(kernel.dtype).bits < 32:  # mixed precision: bf16 params -> bf16 matmul
+            x = x.astype(kernel.dtype)
         y = jnp.dot(x, kernel)
         return scaled_silu(y) if self.activation else y
 
