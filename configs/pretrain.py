@@ -63,6 +63,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         preset="tiny" if demo else arg,  # GemNetOCConfig preset: tiny | jmp_s | jmp_l
         compute_dtype="float32",  # or "bfloat16" (params and optimiser state stay float32)
+        num_blocks=config_dict.placeholder(int),  # override the preset's interaction blocks
     ))
 
     config.task_names = TASKS

@@ -81,7 +81,8 @@ def model_config(config) -> GemNetOCConfig:
     if preset not in presets:
         raise ValueError(f"config.model.preset must be one of {sorted(presets)}, got {preset!r}")
     p = float(config.train.edge_dropout or 0.0)
-    return presets[preset](edge_dropout=p or None, edge_dropout_on_host=True)
+    extra = {} if config.model.get("num_blocks") is None else {"num_blocks": int(config.model.num_blocks)}
+    return presets[preset](edge_dropout=p or None, edge_dropout_on_host=True, **extra)
 
 
 @dataclasses.dataclass
@@ -246,28 +247,56 @@ def template_batch(tasks: Sequence[Task], budget: PadSizes):
 
 
 # ------------------------------------------------------------------ the loop
-def train_and_evaluate(config, workdir) -> dict:
-    """Runs (or resumes) pre-training; returns the last validation metrics."""
-    setup_distributed(config.distributed)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    primary = jax.process_index() == 0
+@dataclasses.dataclass
+class Run:
+    """Everything a pre-training run is made of, before the loop starts."""
+
+    config: object
+    mesh: Mesh
+    tasks: list[Task]
+    shapes: RunShapes
+    model: GemNetOCPretrain
+    num_steps: int
+    schedule: object
+    optimizer: object
+    state: TrainState  # freshly initialised, replicated over the mesh
+    train_step: object
+    eval_step: object
+    template: object  # a budget-shaped host batch
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.spec.name for t in self.tasks]
+
+    @property
+    def per_device(self) -> int:
+        return int(self.config.data.per_device)
+
+    def sampler(self, num_processes: int | None = None, process_index: int | None = None) -> MixtureSampler:
+        """The training mixture's sampler as seen by one process."""
+        return MixtureSampler(tuple(len(t.train.records) for t in self.tasks), float(self.config.data.temperature),
+                              int(self.config.seed),
+                              num_processes=jax.process_count() if num_processes is None else num_processes,
+                              process_index=jax.process_index() if process_index is None else process_index)
+
+    def loader(self, state=None, sampler=None, mesh=None) -> GraphLoader:
+        d = self.config.data
+        return GraphLoader([t.train for t in self.tasks], sampler or self.sampler(), self.shapes.budget,
+                           workers=int(d.workers), mesh=mesh, per_device=self.per_device,
+                           prefetch=int(d.prefetch), state=state, kmax=self.shapes.kmax._asdict())
+
+
+def build_run(config, workdir: Path) -> Run:
+    """Data, static shapes, model, optimiser, initial state and compiled-step
+    functions of a run (the same on every process)."""
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     tasks = build_tasks(config)
-    specs = [t.spec for t in tasks]
-    names = [t.spec.name for t in tasks]
-    arrays = TaskArrays.from_specs(specs)
     shapes = load_or_estimate_shapes(tasks, config, workdir)
-    per_device = int(config.data.per_device)
-    n_local = local_batch_count(mesh, per_device)
-    global_batches = n_local * jax.process_count()
-
-    sampler = MixtureSampler(tuple(len(t.train.records) for t in tasks), float(config.data.temperature),
-                             int(config.seed), num_processes=jax.process_count(), process_index=jax.process_index())
+    global_batches = local_batch_count(mesh, int(config.data.per_device)) * jax.process_count()
+    epoch_size = MixtureSampler(tuple(len(t.train.records) for t in tasks), float(config.data.temperature)).epoch_size
     num_steps = int(config.train.num_steps)
     if num_steps <= 0:
-        num_steps = max(1, int(config.train.num_epochs * sampler.epoch_size
-                               / (shapes.structures_per_batch * global_batches)))
+        num_steps = max(1, int(config.train.num_epochs * epoch_size / (shapes.structures_per_batch * global_batches)))
 
     cfg = model_config(config)
     model = GemNetOCPretrain(cfg, num_tasks=len(tasks))
@@ -279,7 +308,22 @@ def train_and_evaluate(config, workdir) -> dict:
     optimizer = optim.adamw(schedule, b1=config.train.b1, b2=config.train.b2,
                             weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm)
     state = replicate(TrainState.create(variables, optimizer, int(config.seed)), mesh)
-    del variables
+    arrays = TaskArrays.from_specs([t.spec for t in tasks])
+    train_step = make_train_step(model, arrays, optimizer, mesh, shapes.kmax, ema_decay=config.train.ema_decay,
+                                 num_blocks=cfg.num_blocks, compute_dtype=_dtype(config))
+    eval_step = make_eval_step(model, arrays, mesh, shapes.kmax, compute_dtype=_dtype(config))
+    return Run(config, mesh, tasks, shapes, model, num_steps, schedule, optimizer, state, train_step, eval_step,
+               template)
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Runs (or resumes) pre-training; returns the last validation metrics."""
+    setup_distributed(config.distributed)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    primary = jax.process_index() == 0
+    run = build_run(config, workdir)
+    state, num_steps, names = run.state, run.num_steps, run.task_names
 
     ckpt = Checkpointer(workdir / "checkpoints", int(config.train.keep_checkpoints),
                         bool(config.train.async_checkpoints))
@@ -289,27 +333,19 @@ def train_and_evaluate(config, workdir) -> dict:
         state, meta = ckpt.restore(start, state)
         data_state = meta["data"][jax.process_index()]
         log.info("resumed from step %d (data %s)", start, data_state)
+        if primary:
+            print(f"jmp_jax: resuming {config.name} from the checkpoint of step {start}", flush=True)
     start = int(state.step)
-
-    train_step = make_train_step(model, arrays, optimizer, mesh, shapes.kmax, ema_decay=config.train.ema_decay,
-                                 num_blocks=cfg.num_blocks, compute_dtype=_dtype(config))
-    eval_step = make_eval_step(model, arrays, mesh, shapes.kmax, compute_dtype=_dtype(config))
-    loader = GraphLoader([t.train for t in tasks], sampler, shapes.budget, workers=int(config.data.workers),
-                         mesh=mesh, per_device=per_device, prefetch=int(config.data.prefetch),
-                         state=data_state, kmax=shapes.kmax._asdict())
+    loader = run.loader(state=data_state, mesh=run.mesh)
     writer = MetricWriter(workdir / "logs", enabled=primary)
     if primary and start == 0:
-        writer_note = {"num_steps": num_steps, "budget": dict(shapes.budget.sizes), "kmax": shapes.kmax._asdict(),
-                       "devices": jax.device_count(), "processes": jax.process_count()}
-        log.info("run: %s", writer_note)
         print(f"jmp_jax pre-training {config.name}: {num_steps} steps on {jax.device_count()} device(s), "
-              f"{len(tasks)} tasks ({', '.join(names)}), ~{shapes.structures_per_batch:.1f} structures per "
+              f"{len(names)} tasks ({', '.join(names)}), ~{run.shapes.structures_per_batch:.1f} structures per "
               f"device batch", flush=True)
 
     def validate(step: int) -> dict:
-        metrics = evaluate(eval_step, state.ema, state.constants, tasks, shapes, mesh, per_device, template)
-        scalars = {f"val/{k}": v for k, v in metrics.items()}
-        writer.write_scalars(step, scalars)
+        metrics = evaluate(run, state.ema, state.constants)
+        writer.write_scalars(step, {f"val/{k}": v for k, v in metrics.items()})
         if primary:
             print(f"[step {step}] validation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())),
                   flush=True)
@@ -320,23 +356,18 @@ def train_and_evaluate(config, workdir) -> dict:
         last_val = validate(0)
     pending: list = []
     bar = _progress(primary, start, num_steps)
-    window_start, window_structures = time.perf_counter(), 0.0
+    window_start = time.perf_counter()
     skipped_seen = int(state.skipped)
     it = iter(loader)
     try:
         for step in range(start + 1, num_steps + 1):
-            try:
-                batch = next(it)
-            except StopIteration:  # the stream is endless; only reachable with epochs set
-                break
-            state, metrics = train_step(state, batch)
+            state, metrics = run.train_step(state, next(it))
             pending.append((step, metrics))
             if bar is not None:
                 bar.update(1)
             if step % config.train.log_every == 0 or step == num_steps:
-                window_structures = _flush_metrics(pending, names, writer, schedule, bar, window_start,
-                                                   window_structures)
-                window_start, window_structures, pending = time.perf_counter(), 0.0, []
+                _flush_metrics(pending, names, writer, run.schedule, bar, window_start)
+                window_start, pending = time.perf_counter(), []
                 skipped = int(state.skipped)
                 if skipped > skipped_seen:
                     log.warning("%d update(s) skipped for a non-finite loss or gradient (total %d)",
@@ -348,7 +379,7 @@ def train_and_evaluate(config, workdir) -> dict:
                 last_val = validate(step)
             if step % config.train.checkpoint_every == 0 or step == num_steps:
                 meta = {"data": gather_process_states(loader.state()), "step": step,
-                        "shapes": shapes.to_json(), "config": config.to_json()}
+                        "shapes": run.shapes.to_json(), "config": config.to_json()}
                 ckpt.save(step, state, meta)
     finally:
         it.close()
@@ -381,32 +412,32 @@ def _progress(primary: bool, start: int, total: int):
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def _flush_metrics(pending, names, writer, schedule, bar, window_start, window_structures) -> float:
+def _flush_metrics(pending, names, writer, schedule, bar, window_start) -> None:
     """Fetch the steps' metrics (one device sync per log interval) and write them."""
     fetched = jax.device_get([m for _, m in pending])
+    structures = 0.0
     for (step, _), m in zip(pending, fetched):
         scalars = {f"train/{k}": float(m[k]) for k in ("loss", "energy_loss", "force_loss", "grad_norm")}
         scalars["train/lr"] = float(schedule(step - 1))
         scalars.update({f"train/{k}": v for k, v in task_metrics(m, names).items()})
         writer.write_scalars(step, scalars)
-        window_structures += float(m["structures"])
+        structures += float(m["structures"])
     elapsed = max(time.perf_counter() - window_start, 1e-9)
     if bar is not None and fetched:
-        last = fetched[-1]
-        bar.set_postfix(loss=f"{float(last['loss']):.4g}", structures_per_s=f"{window_structures / elapsed:.1f}",
+        bar.set_postfix(loss=f"{float(fetched[-1]['loss']):.4g}", structures_per_s=f"{structures / elapsed:.1f}",
                         steps_per_s=f"{len(fetched) / elapsed:.2f}", refresh=False)
-    return window_structures
 
 
-def evaluate(eval_step, params, constants, tasks: Sequence[Task], shapes: RunShapes, mesh, per_device: int,
-             template) -> dict:
+def evaluate(run: Run, params, constants) -> dict:
     """Per-task energy / force MAE (eV, eV/Å, free atoms) and the normalised loss
     over the validation splits (T = 1, each structure once, split over processes)."""
+    tasks = run.tasks
     sampler = MixtureSampler(tuple(len(t.val.records) for t in tasks), 1.0, 0, shuffle=False,
                              num_processes=jax.process_count(), process_index=jax.process_index())
-    loader = GraphLoader([t.val for t in tasks], sampler, shapes.budget, epochs=1, kmax=shapes.kmax._asdict())
-    n = local_batch_count(mesh, per_device)
-    empty = empty_like(template)
+    loader = GraphLoader([t.val for t in tasks], sampler, run.shapes.budget, epochs=1,
+                         kmax=run.shapes.kmax._asdict())
+    n = local_batch_count(run.mesh, run.per_device)
+    empty = empty_like(run.template)
     batches = loader.host_batches()
     totals = None
     while True:
@@ -414,11 +445,11 @@ def evaluate(eval_step, params, constants, tasks: Sequence[Task], shapes: RunSha
         if not _any_process(bool(group)):
             break
         group += [empty] * (n - len(group))
-        sums = jax.device_get(eval_step(params, constants, shard_batches(group, mesh)))
+        sums = jax.device_get(run.eval_step(params, constants, shard_batches(group, run.mesh)))
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     if totals is None:
         return {}
-    metrics = task_metrics(totals, [t.spec.name for t in tasks])
+    metrics = task_metrics(totals, run.task_names)
     metrics.update({k: float(v) for k, v in loss_from_sums(totals).items()})
     metrics["skipped_structures"] = loader.stats.skipped
     return metrics
