@@ -74,10 +74,11 @@ class TaskArrays(NamedTuple):
 
 
 def _safe_norm(x):
-    """‖x‖₂ over the last axis with a finite gradient at 0 (the gradient there is 0)."""
+    """‖x‖₂ over the last axis with a finite gradient at 0 (the gradient there is 0).
+    A NaN stays NaN (a bad label must show in the loss, not vanish)."""
     sq = jnp.sum(x * x, axis=-1)
     nonzero = sq > 0
-    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), sq * 0.0)
 
 
 def pretrain_sums(energy, forces, batch, tasks: TaskArrays) -> dict[str, jax.Array]:

@@ -223,11 +223,12 @@ def _try(source, index):
 
 
 def load_or_estimate_shapes(tasks, config, workdir: Path) -> RunShapes:
-    path = workdir / "run_shapes.json"
+    path = Path(workdir) / "run_shapes.json"
     if path.exists():
         return RunShapes.from_json(json.loads(path.read_text()))
     shapes = estimate_shapes(tasks, config)
     if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(shapes.to_json(), indent=1))
         os.replace(tmp, path)
