@@ -106,15 +106,16 @@ def pretrain_sums(energy, forces, batch, tasks: TaskArrays) -> dict[str, jax.Arr
     e_pred = jnp.take_along_axis(energy.astype(f32), task[:, None], axis=1)[:, 0]
     e_std = tasks.energy_std[task]
     e_target = (g["energy"].astype(f32) - tasks.energy_mean[task]) / e_std
-    e_err = jnp.abs(e_pred - e_target)
     has_e = graph_mask & g["has_energy"]
+    # Masked before any arithmetic, so padding outputs cannot reach values or gradients.
+    e_err = jnp.abs(jnp.where(has_e, e_pred - e_target, 0.0))
     energy_loss = jnp.sum(jnp.where(has_e, tasks.energy_coef[task] * e_err, 0.0))
 
     # Forces: per-atom L2 error, averaged within each structure.
     f_pred = jnp.take_along_axis(forces.astype(f32), node_task[:, None, None], axis=2)[..., 0]
     f_std = tasks.force_std[node_task][:, None]
-    diff = f_pred - nodes["forces"].astype(f32) / f_std
     atom_has_f = node_mask & g["has_forces"][node_graph]
+    diff = jnp.where(atom_has_f[:, None], f_pred - nodes["forces"].astype(f32) / f_std, 0.0)
     per_atom = jnp.where(atom_has_f, _safe_norm(diff), 0.0)
     natoms = jax.ops.segment_sum(node_mask.astype(f32), node_graph, num_segments=num_graphs)
     per_structure = jax.ops.segment_sum(per_atom, node_graph, num_segments=num_graphs) / jnp.maximum(natoms, 1.0)

@@ -106,7 +106,7 @@ def make_train_step(model, tasks: TaskArrays, optimizer: optax.GradientTransform
         if num_blocks:
             grads = jax.tree.map(lambda g, f: g * f, grads, optim.shared_gradient_scale(grads, num_blocks))
         losses = loss_from_sums(sums)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm) & optim.all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
