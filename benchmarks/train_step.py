@@ -49,7 +49,8 @@ def slab(seed: int):
     atoms.rattle(0.05, seed=seed)
     tags = np.where(atoms.positions[:, 2] > atoms.positions[:72, 2].max() - 0.5, 1, 0)
     tags[72:] = 2
-    return Structure.from_ase(atoms, tags=tags, id=f"slab{seed}"), GraphConfig(12.0, 30)
+    atoms.set_tags(tags)
+    return Structure.from_ase(atoms, id=f"slab{seed}"), GraphConfig(12.0, 30)
 
 
 def molecule(seed: int):
