@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jmp_jax.data.pipeline import GraphLoader, GraphSource, estimate_budget, make_example
 from jmp_jax.data.sampling import MixtureSampler

@@ -41,7 +41,6 @@ from jmp_jax.train.step import TrainState, make_train_step, replicate  # noqa: E
 def slab(seed: int):
     from ase.build import add_adsorbate, fcc111
 
-    rng = np.random.default_rng(seed)
     atoms = fcc111("Cu", size=(3, 3, 8), vacuum=10.0)  # 72 atoms
     add_adsorbate(atoms, "C", 1.8, "fcc")
     for dx in ((1.1, 0, 0), (0, 1.1, 0), (0, 0, 1.1)):

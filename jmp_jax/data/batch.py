@@ -48,6 +48,12 @@ _PAD_VALUE = {"atomic_numbers": 1}
 _FLOAT_FIELDS = ("positions", "cell")
 
 
+# Rank fields of a batch, keyed by the aggregation (= the dimension they live on)
+# whose per-row slot count is max rank + 1 (`jmp_jax.models.bases.AggregationSizes`).
+RANK_FIELDS = {"e2e": "e2e_out_agg", "a2e": "a2e_out_agg", "e2a": "e2a_out_agg", "quad": "quad_out_agg",
+               "a2a": "a2a_target_rank"}
+
+
 def bucket_size(n: int, minimum: int = 16) -> int:
     """Smallest m * 2**e >= n with m in {4, 5, 6, 7}, and at least `minimum`."""
     if n <= minimum:

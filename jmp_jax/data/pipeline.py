@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jmp_jax.data.batch import GraphBatch, PadSizes, bucket_size, collate, empty_like
+from jmp_jax.data.batch import RANK_FIELDS, GraphBatch, PadSizes, bucket_size, collate, empty_like
 from jmp_jax.data.sampling import MixtureSampler, SamplerState
 from jmp_jax.graphs.build import DIMS, GraphConfig, StructureGraphs, build_graphs
 from jmp_jax.graphs.structure import Structure
@@ -145,12 +145,6 @@ class PackingStats:
 
 def fits(total: dict, sizes: dict, budget: PadSizes) -> bool:
     return all(total[d] + sizes[d] + 1 <= budget[d] for d in DIMS)
-
-
-# Rank fields whose maximum + 1 is the per-row slot count the model aggregates
-# over (`jmp_jax.models.bases.AggregationSizes`, same names).
-RANK_FIELDS = {"e2e": "e2e_out_agg", "a2e": "a2e_out_agg", "e2a": "e2a_out_agg", "quad": "quad_out_agg",
-               "a2a": "a2a_target_rank"}
 
 
 def row_maxima(graphs: StructureGraphs) -> dict[str, int]:
@@ -325,7 +319,6 @@ class GraphLoader:
         yield from self._device_iter()
 
     def _device_iter(self):
-        import jax
         from jax.sharding import Mesh
 
         mesh = self.mesh if self.mesh is not None else Mesh(np.asarray(self.devices), ("data",))

@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmp_jax.data.batch import bucket_size
+from jmp_jax.data.batch import RANK_FIELDS, bucket_size
 
-from jmp_jax.models.layers import CONSTANTS, Dense, he_orthogonal_torch, scaled_silu
+from jmp_jax.models.layers import CONSTANTS, Dense, he_orthogonal_torch
 
 # Real spherical harmonics Y_l^0(z), l = 0..6, as JMP's sympy-generated constants
 # (spec §3.3), applied in float32.
@@ -165,21 +165,13 @@ class AggregationSizes(NamedTuple):
     a2a: int  # a2a edges per atom
 
 
-_RANK_FIELDS = {
-    "e2e": "e2e_out_agg",
-    "a2e": "a2e_out_agg",
-    "e2a": "e2a_out_agg",
-    "quad": "quad_out_agg",
-    "a2a": "a2a_target_rank",
-}
-_RANK_DIMS = {"e2e": "e2e", "a2e": "a2e", "e2a": "e2a", "quad": "quad", "a2a": "a2a"}
 
 
 def aggregation_sizes(batch, bucketed: bool = True) -> AggregationSizes:
     """Kmax of every aggregation of a (host, numpy) GraphBatch, bucketed by default."""
     sizes = {}
-    for name, field in _RANK_FIELDS.items():
-        ranks = np.asarray(batch.indices[field])[np.asarray(batch.masks[_RANK_DIMS[name]])]
+    for name, field in RANK_FIELDS.items():
+        ranks = np.asarray(batch.indices[field])[np.asarray(batch.masks[name])]
         n = int(ranks.max()) + 1 if ranks.size else 1
         sizes[name] = bucket_size(n, minimum=1) if bucketed else n
     return AggregationSizes(**sizes)

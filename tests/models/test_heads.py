@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ase.data import atomic_masses
 
-from jmp_jax.data.batch import PadSizes, collate
+from jmp_jax.data.batch import collate
 from jmp_jax.graphs.build import GraphConfig, build_graphs
 from jmp_jax.graphs.structure import Structure
 from jmp_jax.models.gemnet_oc import BackboneOutput

@@ -4,7 +4,6 @@ full conversions for every `{config}__backbone_keys.json` (with/without forces).
 from __future__ import annotations
 
 import glob
-import json
 
 import numpy as np
 import pytest

@@ -22,7 +22,7 @@ from jmp_jax.data.batch import empty_like
 from jmp_jax.data.pipeline import shard_batches
 from jmp_jax.train.loss import TaskArrays
 from jmp_jax.train.pretrain import build_run
-from jmp_jax.train.step import TrainState, make_train_step, replicate
+from jmp_jax.train.step import make_train_step, replicate
 from tests.train.common import get_config
 
 

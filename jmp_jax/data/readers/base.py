@@ -18,6 +18,8 @@ Conventions shared by every reader in this package:
 
 from __future__ import annotations
 
+import numpy as np
+
 import abc
 import logging
 import os
