@@ -41,14 +41,20 @@ def test_backbone_parameter_counts(config, forces, total, tensors):
 
 
 @pytest.mark.parametrize(
-    "config, heads, total", [(GemNetOCConfig.jmp_s(), 5_258_240, 44_131_328), (GemNetOCConfig.jmp_l(), 17_851_392, 234_267_648)]
+    "config, heads, total, tensors",
+    [
+        # tensors = backbone (332 / 512) + atom embedding (1) + 4 tasks x (energy 9 + forces 9)
+        (GemNetOCConfig.jmp_s(), 5_258_240, 44_131_328, 405),
+        (GemNetOCConfig.jmp_l(), 17_851_392, 234_267_648, 585),
+    ],
+    ids=["S", "L"],
 )
-def test_pretrain_model_counts(config, heads, total):
+def test_pretrain_model_counts(config, heads, total, tensors):
     shapes = variable_shapes(GemNetOCPretrain(config, 4))["params"]
     head_params = {k: v for k, v in shapes.items() if k.startswith("out_")}
     assert _count(head_params)[0] == heads
-    assert _count(shapes)[0] == total
-    assert _count(shapes)[1] == 405 if config.emb_size_edge == 512 else 585
+    assert _count(head_params)[1] == 4 * (9 + 9)
+    assert _count(shapes) == (total, tensors)
 
 
 def test_json_round_trip():
