@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 from ase.build import fcc111, molecule
@@ -61,11 +62,19 @@ def budget(sources):
     return estimate_budget(examples, target_graphs=4)
 
 
-def _signature(batch):
-    mask = np.asarray(batch.masks["graph"])
-    return (tuple(np.asarray(batch.graphs.n_node)[mask].tolist()),
-            tuple(np.round(np.asarray(batch.graphs.globals["energy"])[mask], 4).tolist()),
-            tuple(np.asarray(batch.graphs.globals["task"])[mask].tolist()))
+def _assert_same_batches(got, expected):
+    """Batch lists equal leaf by leaf: the same pytree structure (GraphsTuple,
+    index / mask / label dict keys) and every array exactly equal, dtype included."""
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+        leaves_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+        assert tree_a == tree_b, f"batch {i}: pytree structures differ"
+        for (path, x), (_, y) in zip(leaves_a, leaves_b):
+            name = f"batch {i} {jax.tree_util.keystr(path)}"
+            x, y = np.asarray(x), np.asarray(y)
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            np.testing.assert_array_equal(x, y, err_msg=name)
 
 
 def _batches(loader, n):
@@ -100,19 +109,20 @@ def test_batches_respect_budget_mix_tasks_and_carry_labels(sources, budget):
 
 def test_workers_give_the_same_batches_as_in_process(sources, budget):
     kw = dict(sampler=MixtureSampler((6, 15), temperature=2.0, seed=4), budget=budget, epochs=1)
-    serial = [_signature(b) for b in GraphLoader(sources, **kw)]
-    parallel = [_signature(b) for b in GraphLoader(sources, workers=2, chunk=3, **kw)]
-    assert serial == parallel
+    serial = list(GraphLoader(sources, **kw))
+    parallel = list(GraphLoader(sources, workers=2, chunk=3, **kw))
+    assert len(serial) > 1
+    _assert_same_batches(parallel, serial)
 
 
 def test_resume_from_state_continues_exactly(sources, budget):
     sampler = MixtureSampler((6, 15), temperature=2.0, seed=2)
-    reference = [_signature(b) for b in _batches(GraphLoader(sources, sampler, budget), 12)]
+    reference = _batches(GraphLoader(sources, sampler, budget), 12)
     first = GraphLoader(sources, sampler, budget)
-    head = [_signature(b) for b in _batches(first, 5)]
+    head = _batches(first, 5)
     state = first.state()
-    tail = [_signature(b) for b in _batches(GraphLoader(sources, sampler, budget, state=state), 7)]
-    assert head + tail == reference
+    tail = _batches(GraphLoader(sources, sampler, budget, state=state), 7)
+    _assert_same_batches(head + tail, reference)
 
 
 def test_bad_and_oversized_structures_are_skipped_and_counted(sources, budget, caplog):

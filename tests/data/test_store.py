@@ -48,9 +48,13 @@ def _molecule(rng, i, split="train"):
 
 def _crystal(rng, i):
     z = np.array([29, 29, 8])
+    # fixed mask and stress differ per crystal, so a value from the wrong record
+    # (or a float32 round trip of the stress) cannot pass the exact comparison
+    fixed = np.roll([True, False, False], i)
+    stress = rng.normal(scale=0.01, size=(3, 3))
     return Record(id=f"crystal-{i}", dataset="toy", atomic_numbers=z, positions=rng.uniform(0, 4, (3, 3)),
-                  cell=np.eye(3) * 4.0, pbc=[True] * 3, tags=[0, 1, 2], fixed=[True, False, False],
-                  energy=-10.0 - i, forces=np.zeros((3, 3)), stress=np.eye(3) * 0.01,
+                  cell=np.eye(3) * 4.0, pbc=[True] * 3, tags=[0, 1, 2], fixed=fixed,
+                  energy=-10.0 - i, forces=np.zeros((3, 3)), stress=stress,
                   targets={"gap": 1.0, "dipole": np.zeros(3)})
 
 
@@ -82,11 +86,19 @@ def _assert_same(record: Record, stored: Record):
     np.testing.assert_array_equal(stored.cell, record.cell)
     np.testing.assert_array_equal(stored.pbc, record.pbc)
     np.testing.assert_array_equal(stored.tags, record.tags)
-    assert (stored.fixed is None) == (record.fixed is None)
+    if record.fixed is None:
+        assert stored.fixed is None
+    else:
+        assert stored.fixed.dtype == bool
+        np.testing.assert_array_equal(stored.fixed, record.fixed)
     assert stored.energy == record.energy
     if record.forces is not None:
         np.testing.assert_allclose(stored.forces, record.forces, rtol=1e-6, atol=1e-6)
-    assert (stored.stress is None) == (record.stress is None)
+    if record.stress is None:
+        assert stored.stress is None
+    else:
+        assert stored.stress.shape == (3, 3)
+        np.testing.assert_array_equal(stored.stress, record.stress)  # float64 on disk: exact
     assert stored.targets["gap"] == pytest.approx(record.targets["gap"])
     np.testing.assert_array_equal(stored.targets["dipole"], record.targets["dipole"])
 
@@ -96,6 +108,8 @@ def test_round_trip_bad_records_and_metadata(tmp_path, records):
     store = PackedStore(tmp_path / "store", verify=True)
     good = {s: [r.normalized() for r in rs if isinstance(r, Record) and r.id in {x.id for x in _good(rs)}]
             for s, rs in records.items()}
+    # the crystals carry a fixed mask and a stress, so those columns are compared too
+    assert sum(r.fixed is not None and r.stress is not None for r in good["train"]) == 3
     for split in ("train", "val"):
         reader = store.split(split)
         assert len(reader) == len(good[split])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -134,21 +135,99 @@ def test_stable_tie_break_does_not_depend_on_atom_order():
         np.testing.assert_allclose(da, db, atol=1e-12)
 
 
+# Six atoms in a cubic 5 Å cell (cutoff 6, k = 30: a2ee2a keeps 20). Every atom's six own images
+# (±1,0,0), (0,±1,0), (0,0,±1) tie at exactly 5.0 in float32. Atoms 1 and 2 have exactly 19
+# strictly nearer neighbours, so the tie straddles their 20th a2ee2a slot; atoms 0, 3, 4, 5 have
+# >= 20 strictly nearer ones, so the tie is not reached.
+TIE_CELL = 5.0
+TIE_POSITIONS = [
+    [4.291, 1.375, 2.135], [3.127, 2.337, 2.378], [2.843, 1.727, 0.338],
+    [2.457, 4.156, 4.005], [3.94, 2.55, 0.9], [2.346, 3.374, 1.384],
+]  # fmt: skip
+# Which tied image JMP keeps on those rows: torch.sort on CPU (libstdc++ introsort) over JMP's row
+# (the target's edges in (source, offset) order, padded with +inf to the structure's widest row)
+# puts (+1,0,0) first (spec §2.4's observed case); `test_jmp_tie_choice_is_torch_sort` re-derives
+# it with torch. A stable sort would keep (-1,0,0), the first tied edge in row order.
+JMP_TIE_CHOICE = {1: (1, 0, 0), 2: (1, 0, 0)}
+_SELF_IMAGES = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
+
+
+def _tie_structure():
+    return Structure.create(TIE_POSITIONS, [6, 7, 8, 1, 6, 8], np.eye(3) * TIE_CELL, True)
+
+
+def _tie_rows(cutoff=6.0):
+    """Brute force, independent of our neighbour code: for each target, its edges (source, offset)
+    in JMP's row order with JMP's float32 distance |(x_s - x_t) + n @ C| (spec §2.2)."""
+    pos = np.asarray(TIE_POSITIONS)
+    pos32, cell32 = pos.astype(np.float32), (np.eye(3) * TIE_CELL).astype(np.float32)
+    rows = {}
+    for t in range(len(pos)):
+        row = []
+        for s in range(len(pos)):
+            for n in itertools.product(range(-2, 3), repeat=3):  # ceil(6 / 5) = 2 images per axis
+                if s == t and n == (0, 0, 0):
+                    continue
+                if np.linalg.norm(pos[t] - pos[s] - np.asarray(n) * TIE_CELL) <= cutoff:
+                    v = (pos32[s] - pos32[t]) + np.asarray(n, np.float32) @ cell32
+                    row.append((s, n, np.sqrt(np.float32(v @ v))))
+        rows[t] = row
+    return rows
+
+
+def _expected_jmp_a2ee2a(k=20):
+    keys = set()
+    for t, row in _tie_rows().items():
+        d = np.array([e[2] for e in row])
+        nearer = [(s, t, n) for s, n, dist in row if dist < TIE_CELL]
+        tied = [(s, t, n) for s, n, dist in row if dist == TIE_CELL]
+        assert sorted(tied) == sorted((t, t, n) for n in _SELF_IMAGES)  # the premise: six tied images
+        if t in JMP_TIE_CHOICE:
+            assert len(nearer) == k - 1  # the tie straddles slot k
+            keys |= set(nearer) | {(t, t, JMP_TIE_CHOICE[t])}
+        else:
+            assert len(nearer) >= k
+            kth, next_ = np.sort(d)[k - 1 : k + 1]
+            assert kth < next_  # no tie at slot k: the k nearest are unique
+            keys |= {(s, t, n) for s, n, dist in row if dist <= kth}
+    return keys
+
+
 def test_jmp_tie_break_on_cubic_cell_keeps_plus_image():
-    """Spec §2.4's observed case: in a cubic 5 Å cell an atom's own images at
-    (-1,0,0) and (+1,0,0) tie for the 20th a2ee2a slot; JMP keeps (+1,0,0)."""
-    rng = np.random.default_rng(0)
-    pos = rng.uniform(0, 5, (4, 3))
-    st = Structure.create(pos, [6, 7, 8, 1], np.eye(3) * 5.0, True)
-    jmp = build_edge_sets(st, GraphConfig(cutoff=6.0, max_neighbors=30, tie_break="jmp"))
-    stable = build_edge_sets(st, GraphConfig(cutoff=6.0, max_neighbors=30))
-    for graphs in (jmp, stable):
-        assert np.all(np.bincount(graphs["a2ee2a"].receivers) == 20)
-    # Both are the 20 nearest; they may differ only among exactly tied edges.
-    for t in range(4):
-        dj = np.sort(jmp["a2ee2a"].distances_f32[jmp["a2ee2a"].receivers == t])
-        ds = np.sort(stable["a2ee2a"].distances_f32[stable["a2ee2a"].receivers == t])
-        assert np.array_equal(dj, ds)
+    """Spec §2.4's observed case: in a cubic 5 Å cell an atom's own images tie at d = 5.0 for the
+    20th a2ee2a slot; JMP keeps (+1,0,0) where a stable sort keeps (-1,0,0)."""
+    st = _tie_structure()
+    jmp = build_edge_sets(st, GraphConfig(cutoff=6.0, max_neighbors=30, tie_break="jmp"))["a2ee2a"]
+    stable = build_edge_sets(st, GraphConfig(cutoff=6.0, max_neighbors=30))["a2ee2a"]
+    assert np.all(np.bincount(jmp.receivers) == 20) and np.all(np.bincount(stable.receivers) == 20)
+    expected = _expected_jmp_a2ee2a()
+    assert len(_keys(jmp)) == len(jmp)
+    assert _keys(jmp) == expected, (sorted(_keys(jmp) - expected), sorted(expected - _keys(jmp)))
+    for t in JMP_TIE_CHOICE:
+        assert (t, t, (1, 0, 0)) in _keys(jmp) and (t, t, (-1, 0, 0)) not in _keys(jmp)
+        # the stable rule (distance, source, offset) keeps the first tied image instead
+        assert (t, t, (-1, 0, 0)) in _keys(stable) and (t, t, (1, 0, 0)) not in _keys(stable)
+    # away from the tied rows both rules keep the same (unique) k nearest
+    assert {k for k in _keys(stable) if k[1] not in JMP_TIE_CHOICE} == {
+        k for k in expected if k[1] not in JMP_TIE_CHOICE
+    }
+
+
+def test_jmp_tie_choice_is_torch_sort():
+    """Where JMP_TIE_CHOICE comes from: torch.sort over JMP's padded rows (spec §2.4)."""
+    torch = pytest.importorskip("torch", reason="torch not installed: cross-check against torch.sort skipped")
+    rows = _tie_rows()
+    width = max(len(r) for r in rows.values())
+    keys = set()
+    for t, row in rows.items():
+        dist = np.full(width, np.inf, dtype=np.float32)
+        dist[: len(row)] = [e[2] for e in row]
+        _, order = torch.sort(torch.from_numpy(dist[None]), dim=1)
+        kept = [row[i] for i in order[0, :20].tolist() if i < len(row)]
+        keys |= {(s, t, n) for s, n, _ in kept}
+        if t in JMP_TIE_CHOICE:
+            assert [n for s, n, d in kept if d == TIE_CELL] == [JMP_TIE_CHOICE[t]]
+    assert keys == _expected_jmp_a2ee2a()
 
 
 def test_numpy_backend_handles_unwrapped_positions():

@@ -560,3 +560,19 @@ def collect(source, split):
 @pytest.fixture
 def read():
     return collect
+
+
+def spec_split(n: int, sizes: dict, seed: int = 42) -> dict:
+    """datasets_spec §0.2, written out independently of the readers: ``arange(n)`` shuffled in place
+    by the legacy ``np.random.RandomState(seed)``, contiguous slices in the order of `sizes`
+    (train | val | test); an int is a count, None (at most one) the remainder."""
+    idx = np.arange(n)
+    np.random.RandomState(seed).shuffle(idx)
+    rest = n - sum(v for v in sizes.values() if v is not None)
+    out, start = {}, 0
+    for name, size in sizes.items():
+        count = rest if size is None else size
+        out[name] = idx[start : start + count]
+        start += count
+    assert start == n, (n, sizes)
+    return out

@@ -6,7 +6,8 @@ import pytest
 from ase.units import Hartree
 
 from jmp_jax.data.readers import open_source
-from jmp_jax.data.readers.splits import jmp_split
+
+from .conftest import spec_split
 
 HA = np.float32(1 / 0.0367493)
 BOHR = np.float32(0.529177)
@@ -34,7 +35,7 @@ def test_spice_values_split_and_sign(tmp_path, make, read):
     n = 15
     sizes = {"train": int(0.8 * n), "val": n - int(0.8 * n) - int(0.1 * n), "test": int(0.1 * n)}
     assert [src.num_records(s) for s in ("val", "test")] == [sizes["val"], sizes["test"]]
-    expected = jmp_split(n, sizes)
+    expected = spec_split(n, sizes)
     everything = {}
     for split in src.splits():
         items = list(src.records(split))
@@ -126,6 +127,9 @@ def test_ani1x_seeded_formula_split_and_units(tmp_path, make, read):
         set(test),
         set(train),
     )
+    # ANI-1x uses ASE's Hartree (datasets_spec §0.1: 27.211386024),
+    # not JMP's 1/0.0367493 nor PyG's 27.211386246
+    assert Hartree == pytest.approx(27.211386024, rel=1e-10)
     total = 0
     with h5py.File(path) as f:
         for split in src.splits():

@@ -8,7 +8,8 @@ import pytest
 
 from jmp_jax.data.readers import open_source
 from jmp_jax.data.readers.materials import kfold, matbench_ids
-from jmp_jax.data.readers.splits import jmp_split
+
+from .conftest import spec_split
 
 
 def test_kfold_reproduces_matbench_jdft2d_folds():
@@ -33,7 +34,7 @@ def test_matbench_regression_fold_split_and_values(tmp_path, make, read):
     src = open_source("matbench", tmp_path, task="jdft2d", fold=3)
     assert src.task == "matbench_jdft2d" and src.target_column == "exfoliation_en"
     pool, test = kfold(20)[3]
-    parts = jmp_split(16, {"train": 14, "val": 2})
+    parts = spec_split(16, {"train": 14, "val": 2})
     assert [src.num_records(s) for s in src.splits()] == [14, 2, 4]
     ids = [f"mb-jdft2d-{i + 1:02d}" for i in range(20)]
     for split, rows in (
@@ -75,7 +76,7 @@ def test_matbench_validation_file_order_and_classification(tmp_path, make, read)
         )
     )
     src = open_source("matbench", path, fold=1, validation_path=str(vfile), order="jmp")
-    parts = jmp_split(8, {"train": 7, "val": 1})
+    parts = spec_split(8, {"train": 7, "val": 1})
     assert [r.id for r in read(src, "train")[0]] == [train_ids[i] for i in parts["train"]]
     val = read(src, "val")[0]
     assert [r.id for r in val] == [train_ids[i] for i in parts["val"]]
@@ -117,7 +118,7 @@ def test_qmof_values_split_and_pairing(tmp_path, make, read):
     props = json.loads((d / "qmof.json").read_text())
     structs = json.loads((d / "qmof_structure_data.json").read_text())
     src = open_source("qmof", tmp_path)
-    expected = jmp_split(12, {"train": 9, "val": 2, "test": 1})
+    expected = spec_split(12, {"train": 9, "val": 2, "test": 1})
     for split in ("train", "val", "test"):
         good, bad = read(src, split)
         assert not bad and [r.id for r in good] == [props[i]["qmof_id"] for i in sorted(expected[split])]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from jmp_jax.data.readers import open_source
-from jmp_jax.data.readers.splits import jmp_split
+
+from .conftest import spec_split
 
 K = np.float32(1 / 23.061)
 
@@ -15,7 +16,7 @@ def test_rmd17_values_ids_and_split(tmp_path, make, read):
     src = open_source("rmd17", tmp_path, molecule="ethanol")
     assert src.name == "rmd17" and src.splits() == ("train", "val", "test")
     assert [src.num_records(s) for s in src.splits()] == [950, 50, 3]
-    expected = jmp_split(1003, {"train": 950, "val": 50, "test": None})
+    expected = spec_split(1003, {"train": 950, "val": 50, "test": None})
     for split in src.splits():
         good, bad = read(src, split)
         assert not bad
@@ -39,7 +40,7 @@ def test_rmd17_jmp_order_and_float64(tmp_path, make, read):
     raw = np.load(path)
     src = open_source("rmd17", path, order="jmp", precision="float64")  # molecule from the file name
     val, _ = read(src, "val")
-    perm = jmp_split(1010, {"train": 950, "val": 50, "test": None})["val"]
+    perm = spec_split(1010, {"train": 950, "val": 50, "test": None})["val"]
     assert [r.id for r in val] == [f"aspirin/{i}" for i in perm]
     f = int(perm[0])
     assert val[0].energy == raw["energies"][f] * (1 / 23.061)

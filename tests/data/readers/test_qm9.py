@@ -8,11 +8,56 @@ import numpy as np
 import pytest
 
 from jmp_jax.data.readers import open_source
-from jmp_jax.data.readers.qm9 import PYG_CONVERSION, QM9_ATOM_REFS_HA, QM9_TARGETS, QM9PACK_COLUMNS
-from jmp_jax.data.readers.splits import jmp_split
-from jmp_jax.data.readers.units import PYG_HAR2EV, PYG_KCALMOL2EV
 
-from .conftest import DATA_DIR
+from .conftest import DATA_DIR, spec_split
+
+# Expectations are written out here from datasets_spec §0.1 / §3, never taken from the reader,
+# so that a wrong constant, order or reference in the reader fails these tests.
+HAR2EV = 27.211386246  # PyG HAR2EV (§0.1, §3.4)
+KCALMOL2EV = 0.04336414  # PyG KCALMOL2EV (§0.1)
+KCALMOL_PER_HARTREE = 627.509474  # to write the synthetic CSV's kcal/mol atomization columns
+
+# JMP's 19 target names in PyG y-index order 0..18 (§3.4), each with the gdb9.sdf.csv column it
+# comes from (§3.2) and PyG's conversion factor (§3.2: [1, 1, H, H, H, 1, H, H, H, H, H, 1, K, K,
+# K, K, 1, 1, 1] with H = HAR2EV, K = KCALMOL2EV).
+TARGETS = (
+    ("mu", "mu", 1.0), ("alpha", "alpha", 1.0),
+    ("eps_HOMO", "homo", HAR2EV), ("eps_LUMO", "lumo", HAR2EV), ("delta_eps", "gap", HAR2EV),
+    ("R_2_Abs", "r2", 1.0), ("ZPVE", "zpve", HAR2EV),
+    ("U_0", "u0", HAR2EV), ("U", "u298", HAR2EV), ("H", "h298", HAR2EV), ("G", "g298", HAR2EV),
+    ("c_v", "cv", 1.0),
+    ("U_0_ATOM", "u0_atom", KCALMOL2EV), ("U_ATOM", "u298_atom", KCALMOL2EV),
+    ("H_ATOM", "h298_atom", KCALMOL2EV), ("G_ATOM", "g298_atom", KCALMOL2EV),
+    ("A", "A", 1.0), ("B", "B", 1.0), ("C", "C", 1.0),
+)  # fmt: skip
+TARGET_NAMES = [name for name, _, _ in TARGETS]
+
+# QM9 isolated-atom energies in hartree (QM9's atomref.txt, figshare 1057643; O's U(298.15 K) there is
+# -75.063163, consistent with PyG's eV value below): Z -> (U0, U(298.15 K), H(298.15 K), G(298.15 K)).
+ATOM_REFS_HA = {
+    1: (-0.500273, -0.498857, -0.497912, -0.510927),
+    6: (-37.846772, -37.845355, -37.844411, -37.861317),
+    7: (-54.583861, -54.582445, -54.581501, -54.598897),
+    8: (-75.064579, -75.063163, -75.062219, -75.079532),
+    9: (-99.718730, -99.717314, -99.716370, -99.733544),
+}
+# The same references as PyG's `atomrefs` in eV (datasets_spec §3.4 table).
+ATOM_REFS_EV = {
+    1: (-13.61312172, -13.5745904, -13.54887564, -13.90303183),
+    6: (-1029.86312267, -1029.82456413, -1029.79887659, -1030.25891228),
+    7: (-1485.30251237, -1485.26398105, -1485.2382935, -1485.71166277),
+    8: (-2042.61123593, -2042.5727046, -2042.54701705, -2043.01812778),
+    9: (-2713.48485589, -2713.44632457, -2713.42063702, -2713.88796536),
+}
+
+# qm9pack's qm9_part*.csv header, in order (§3.3).
+QM9PACK_HEADER = (
+    "XYZ_file", "Index", "SMILES", "InChi", "N_atoms", "Stoichiometry", "Elements", "XYZ_Ang",
+    "Mulliken_pop", "Harmonic_Freq_cmi", "RotA_GHz", "RotB_GHz", "RotC_GHz", "Dipole_debye",
+    "Polarizability_bohr3", "HOMO_au", "LUMO_au", "HOMO_LUMO_gap_au", "R2_bohr2", "ZPVE_au",
+    "InternalEnergy_0K_au", "InternalEnergy_298K_au", "Enthalphy_298K_au", "GibbsFreeEnergy_298K_au",
+    "Heatcapacity_Cv_cal_mol_K",
+)  # fmt: skip
 
 SYMBOLS = {1: "H", 6: "C", 7: "N", 8: "O", 9: "F"}
 # GDB molecules 1..6: (Z, coordinates rounded to 4 decimals as in gdb9.sdf)
@@ -50,7 +95,7 @@ def _props(k, z):
     """Raw per-molecule values: rotational A, B, C (GHz), mu, alpha, homo, lumo, gap, r2, zpve (Ha),
     U0, U, H, G (Ha), cv."""
     rng = np.random.default_rng(k)
-    refs = np.sum([QM9_ATOM_REFS_HA[a] for a in z], axis=0)
+    refs = np.sum([ATOM_REFS_HA[a] for a in z], axis=0)
     energies = refs + np.array([-0.6, -0.59, -0.58, -0.62]) - 0.01 * k
     return {
         "rot": [round(157.7 + k, 5), round(157.70997 - k, 5), round(100.0 + k / 3, 5)],
@@ -85,7 +130,7 @@ def write_pyg_raw(d, uncharacterized=(2, 5), rename=None, bad_atom=None):
         p = _props(k, z)
         e = p["energies"]
         atom_kcal = [
-            (ei - ri) * 627.509474 for ei, ri in zip(e, np.sum([QM9_ATOM_REFS_HA[a] for a in z], axis=0))
+            (ei - ri) * KCALMOL_PER_HARTREE for ei, ri in zip(e, np.sum([ATOM_REFS_HA[a] for a in z], axis=0))
         ]
         rows.append(
             [
@@ -122,7 +167,7 @@ def write_qm9pack(d, keep=(1, 3, 4, 6)):
     for name, ks in zip(("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv"), parts):
         with open(d / name, "w", newline="") as f:
             w = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
-            w.writerow(QM9PACK_COLUMNS)
+            w.writerow(QM9PACK_HEADER)
             for k in ks:
                 z, xyz = MOLECULES[k - 1]
                 p = _props(k, z)
@@ -167,7 +212,7 @@ def test_pyg_raw_matches_pyg_processing(tmp_path, read):
     d = write_pyg_raw(tmp_path / "raw")
     src = open_source("qm9", tmp_path, split_sizes=SIZES)
     assert src.format == "pyg_raw"
-    expected = jmp_split(4, SIZES)
+    expected = spec_split(4, SIZES)
     names = np.array(["gdb_1", "gdb_3", "gdb_4", "gdb_6"])  # gdb_2, gdb_5 uncharacterized
     records = {}
     for split in src.splits():
@@ -175,12 +220,15 @@ def test_pyg_raw_matches_pyg_processing(tmp_path, read):
         assert not bad
         assert [r.id for r in good] == names[np.sort(expected[split])].tolist()
         records.update({r.id: r for r in good})
+    with open(d / "gdb9.sdf.csv", newline="") as f:
+        rows = {row["mol_id"]: row for row in csv.DictReader(f)}
+    for rid, rec in records.items():
+        assert set(rec.targets) == set(TARGET_NAMES)
+        for name, column, factor in TARGETS:
+            # PyG: the CSV value as float32, times the factor in float32 arithmetic
+            want = float(np.float32(float(rows[rid][column])) * np.float32(factor))
+            assert rec.targets[name] == want, (rid, name, column)
     r = records["gdb_6"]
-    row = next(line for line in (d / "gdb9.sdf.csv").read_text().splitlines() if line.startswith("gdb_6,"))
-    raw = np.array([float(x) for x in row.split(",")[1:20]], dtype=np.float32)
-    y = np.concatenate([raw[3:], raw[:3]]) * np.array(PYG_CONVERSION, dtype=np.float32)
-    assert [r.targets[t] for t in QM9_TARGETS] == [float(v) for v in y]
-    assert r.targets["U_0_ATOM"] == float(np.float32(raw[15]) * np.float32(PYG_KCALMOL2EV))
     assert r.atomic_numbers.tolist() == [9, 6, 1, 1, 1]
     assert np.array_equal(r.positions, np.asarray(MOLECULES[5][1], dtype=np.float32))
     assert r.energy is None and r.forces is None and np.all(r.tags == 2)
@@ -222,11 +270,25 @@ def test_qm9pack_route_gives_the_same_records(tmp_path, read):
         for x, y in zip(ra, rb):
             assert np.array_equal(x.atomic_numbers, y.atomic_numbers)
             assert np.array_equal(x.positions, y.positions)
-            for t in QM9_TARGETS:
+            for t in TARGET_NAMES:
                 if t.endswith("_ATOM"):  # PyG: kcal/mol column x KCALMOL2EV; qm9pack: (E - refs) x HAR2EV
                     assert y.targets[t] == pytest.approx(x.targets[t], rel=2e-6)
                 else:
                     assert y.targets[t] == x.targets[t], t
+            # qm9pack has no atomization energies: (E - sum of atom references) x HAR2EV (§3.4), in float32
+            k = int(y.id.removeprefix("gdb_"))
+            energies = _props(k, MOLECULES[k - 1][0])["energies"]
+            refs = np.sum([ATOM_REFS_HA[a] for a in y.atomic_numbers.tolist()], axis=0)
+            for t, e, ref in zip(("U_0_ATOM", "U_ATOM", "H_ATOM", "G_ATOM"), energies, refs):
+                assert y.targets[t] == float(np.float32((e - ref) * HAR2EV)), (y.id, t)
+
+
+def test_atom_reference_literals_match_the_spec_ev_table():
+    """The hartree table above (QM9's atomref) is PyG's eV table of datasets_spec §3.4 ÷ 27.211386,
+    to its 6-decimal rounding; it is what the qm9pack expectations are built from."""
+    for z, ev in ATOM_REFS_EV.items():
+        half_digit = 0.5e-6 * 27.211386  # the table's last decimal, in eV
+        np.testing.assert_allclose(np.asarray(ATOM_REFS_HA[z]) * 27.211386, ev, rtol=0, atol=half_digit)
 
 
 def test_qm9pack_bad_rows(tmp_path, read):
@@ -252,7 +314,8 @@ def test_pyg_processed(tmp_path, name, read):
     assert src.format == "pyg_processed"
     good, bad = read(src, "train")
     assert not bad and [r.id for r in good] == ["gdb_1", "gdb_2"]
-    assert [good[1].targets[t] for t in QM9_TARGETS] == [0.5 * i for i in range(19)]
+    # y[0, i] = 0.5 * i: the targets must be named in PyG's y-index order (§3.4)
+    assert [good[1].targets[t] for t in TARGET_NAMES] == [0.5 * i for i in range(19)]
     assert good[0].targets["mu"] == -3.0 and good[0].atomic_numbers.tolist() == [6, 1, 1, 1, 1]
 
 
@@ -263,11 +326,11 @@ def test_installed_qm9pack_is_jmps_qm9(read):
     assert [src.num_records(s) for s in ("train", "val", "test")] == [110_831, 10_000, 10_000]
     r = src._reader.record("gdb_1", 0)  # methane, row 0
     assert src._reader.record_id(0) == "gdb_1" and r.atomic_numbers.tolist() == [6, 1, 1, 1, 1]
-    assert r.targets["U_0"] == float(np.float32(-40.47893) * np.float32(PYG_HAR2EV))
-    assert r.targets["eps_HOMO"] == float(np.float32(-0.3877) * np.float32(PYG_HAR2EV))
+    assert r.targets["U_0"] == float(np.float32(-40.47893) * np.float32(HAR2EV))
+    assert r.targets["eps_HOMO"] == float(np.float32(-0.3877) * np.float32(HAR2EV))
     assert r.targets["A"] == float(np.float32(157.7118))
     # PyG's U_0_ATOM of methane: gdb9.sdf.csv u0_atom = -395.999594594 kcal/mol
-    assert r.targets["U_0_ATOM"] == pytest.approx(-395.999594594 * PYG_KCALMOL2EV, rel=1e-5)
+    assert r.targets["U_0_ATOM"] == pytest.approx(-395.999594594 * KCALMOL2EV, rel=1e-5)
     assert r.positions[1].tolist() == pytest.approx([0.002150416, -0.0060313176, 0.0019761204], abs=1e-7)
     # the uncharacterized gdb_58 is absent: rows 56, 57 are gdb_57, gdb_59
     assert [src._reader.record_id(i) for i in (56, 57)] == ["gdb_57", "gdb_59"]
