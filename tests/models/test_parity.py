@@ -2,19 +2,57 @@
 
 Cases are found by glob; `tiny` runs always, `jmp_s` / `jmp_l` are marked slow.
 Tolerance (README): max|ours − ref| / max|ref| ≤ 1e-4 in float32, highest matmul
-precision. Graph inputs are JMP's own stored graphs (`parity.reference_graphs`),
-whose main-edge order equals `main_sym_edge_index`.
+precision, measured for every structure and every task on its own (a batch or a
+stack of tasks is never judged by its largest member). Graph inputs are JMP's own
+stored graphs (`parity.reference_graphs`), whose main-edge order equals
+`main_sym_edge_index`.
 """
 
 from __future__ import annotations
+
+import fnmatch
 
 import numpy as np
 import pytest
 
 from jmp_jax import parity
-from tests.models.conftest import bundle, finetune_float64, config_marks, no_fixtures_param, reference, rel_err, structure_graphs
+from jmp_jax.models.heads import HeadMLP
+from tests.models.conftest import (
+    bundle,
+    config_marks,
+    float64_gradient_check,
+    no_fixtures_param,
+    reference,
+    rel_err,
+    rel_errs,
+    structure_graphs,
+    worst_rel_err,
+)
 
 TOL = 1e-4
+# Finite differences of the float64 energy against its float64 gradient forces
+# (directional, per structure; see conftest.finite_difference_errors).
+FD_TOL = 1e-6
+
+# The only cases whose float32 gradient forces may miss the reference by more than
+# TOL: (config, system) glob -> (reason, cap, ratio). Such a case passes only if
+# the JMP reference itself is further than TOL from the float64 gradient of the
+# same model but no further than `cap` (larger means the reference is broken, not
+# just imprecise), and ours is within `ratio` × the reference's own error of it.
+FLOAT32_LIMITED = {
+    ("jmp_s", "*"): (
+        "JMP-S scale factors with the recipe's random weights give energies of 1e9-1e11: "
+        "float32 gradient forces are differences of huge cancelling sums (JMP's: 1e-3 to 2.4e-1 off float64)",
+        0.3,
+        3.0,
+    ),
+    ("*", "si_bulk"): (
+        "2-atom cell: exactly parallel self-image edges, whose dihedral is float32 rounding noise in JMP "
+        "(and float64 noise in the referee), so forces disagree beyond TOL at any precision",
+        0.2,
+        1.0,
+    ),
+}
 
 FILES = parity.system_files()
 OK_CASES = [
@@ -40,6 +78,65 @@ def _single(path):
     return b, ref, batch
 
 
+# Direct (pre-training) forces: the only cases allowed past TOL, (config, system)
+# glob -> (reason, cap). The reason is verified: every task that misses TOL must
+# have each atom's force cancel at least MIN_CANCELLATION-fold, i.e. the largest
+# Σ_e |s_e| (the per-edge terms summed onto an atom) ≥ 100 × max|F|, where float32
+# can only be accurate relative to the terms, not to their near-zero sum.
+CANCELLING_DIRECT_FORCES = {
+    ("*", "si_bulk"): (
+        "2-atom diamond cell, rattled: by symmetry each atom's direct force is a near-cancelling "
+        "sum of its edge terms (tiny, task ani1x: Σ|terms| = 378 × max|F|)",
+        3e-4,
+    ),
+}
+MIN_CANCELLATION = 100.0
+
+
+def _limited(config: str, system: str, table=FLOAT32_LIMITED):
+    for (c, s), rule in table.items():
+        if fnmatch.fnmatchcase(config, c) and fnmatch.fnmatchcase(system, s):
+            return rule
+    return None
+
+
+def direct_force_term_sums(b, out, batch) -> np.ndarray:
+    """Σ_e |s_e| per atom and task [N_pad, T]: the magnitudes of the per-edge terms
+    s_e · V_e that each direct-force head sums onto an atom."""
+    receivers = np.asarray(batch.graphs.receivers)
+    mask = np.asarray(batch.masks["main"])
+    n = out.forces.shape[0]
+    sums = []
+    for t in range(out.forces.shape[-1]):
+        mlp = {"params": b.pretrain_vars["params"][f"out_forces_{t}"]["mlp"]}
+        s = np.asarray(HeadMLP(b.cfg.emb_size_edge, 1).apply(mlp, out.backbone.forces))[:, 0]
+        sums.append(np.bincount(receivers[mask], np.abs(s[mask]), minlength=n))
+    return np.stack(sums, axis=-1)
+
+
+def check_direct_forces(b, config: str, systems, natoms, out, batch, ref) -> float:
+    """Per structure and task rel error of the pre-training direct forces ≤ TOL, or
+    a listed near-cancelling case (CANCELLING_DIRECT_FORCES) whose cancellation is
+    measured here and whose error stays under its cap. Returns the worst error."""
+    n = sum(natoms)
+    errors = rel_errs(out.forces[:n], ref, natoms, task_axis=-1)
+    starts = np.cumsum([0] + list(natoms))
+    for i, system in enumerate(systems):
+        bad = np.flatnonzero(errors[i] > TOL)
+        if not bad.size:
+            continue
+        rule = _limited(config, system, CANCELLING_DIRECT_FORCES)
+        assert rule is not None, (f"{config}/{system}: direct forces miss TOL in tasks {bad}", errors[i])
+        reason, cap = rule
+        sl = slice(starts[i], starts[i + 1])
+        terms = direct_force_term_sums(b, out, batch)[sl]
+        cancellation = terms.max(axis=0) / np.abs(ref[sl]).max(axis=(0, 1))
+        print(config, system, reason, {"errors": errors[i], "cancellation": cancellation})
+        assert np.all(cancellation[bad] >= MIN_CANCELLATION), (reason, cancellation, errors[i])
+        assert np.all(errors[i] <= cap), (reason, errors[i])
+    return float(errors.max())
+
+
 @pytest.mark.parametrize("path", OK_CASES)
 def test_pretrain_and_backbone_outputs(path):
     b, ref, batch = _single(path)
@@ -51,46 +148,44 @@ def test_pretrain_and_backbone_outputs(path):
     errors = {
         "backbone_energy": rel_err(out.backbone.energy[:n], ref["backbone_energy"]),
         "backbone_forces": rel_err(out.backbone.forces[:e], ref["backbone_forces"]),
-        "pretrain_energy": rel_err(out.energy[0], ref["pretrain_energy"]),
-        "pretrain_forces": rel_err(out.forces[:n], ref["pretrain_forces"]),
+        "pretrain_energy": worst_rel_err(out.energy[0], ref["pretrain_energy"], task_axis=-1),
     }
     print(path.name, errors)
     assert max(errors.values()) <= TOL, errors
+    config, system = parity.config_and_system(path)
+    print(path.name, "pretrain_forces", check_direct_forces(b, config, [system], [n], out, batch, ref["pretrain_forces"]))
 
 
-def check_gradient_forces(b, batch, ours, ref, n: int, name: str):
-    """F = −∂E/∂x against the reference at TOL.
-
-    Gradient forces of the fixture weights sum large cancelling terms (energies
-    reach 1e9–1e11 with random weights and JMP's scale factors), so a float32
-    evaluation — JMP's included — can be further than TOL from the exact
-    gradient. When our result misses the reference, the same model is evaluated
-    in float64 as a referee: the case passes only if the reference itself is off
-    the float64 value by more than TOL (it cannot resolve TOL) and ours is off by
-    no more than 3× the reference's own float32 error (measured: ours/JMP error
-    ratios 0.07–2.3 on the fixtures; both are float32 rounding of cancelling sums).
-    """
-    err = rel_err(ours[:n], ref)
-    if err <= TOL:
-        return {"finetune_grad_forces": err}
-    _, f64 = finetune_float64(b, batch)
-    ref_err = rel_err(ref, f64[:n])
-    our_err = rel_err(ours[:n], f64[:n])
-    report = {"finetune_grad_forces": err, "reference_vs_float64": ref_err, "ours_vs_float64": our_err}
-    print(name, report)
-    assert ref_err > TOL and our_err <= 3 * ref_err, report
+def check_gradient_forces(config: str, system: str, ours, ref) -> dict:
+    """F = −∂E/∂x of one structure: (1) our float64 gradient equals central
+    differences of our float64 energy (FD_TOL); (2) our float32 forces are within
+    TOL of JMP's, or the case is listed in FLOAT32_LIMITED and passes its rule
+    against the float64 referee."""
+    check = float64_gradient_check(config)[system]
+    report = {"finetune_grad_forces": rel_err(ours, ref), "fd_error": check["fd_error"], "fd_model": check["fd_model"]}
+    assert check["fd_error"] <= FD_TOL, (system, report)
+    if report["finetune_grad_forces"] <= TOL:
+        return report
+    rule = _limited(config, system)
+    assert rule is not None, (f"{config}/{system}: gradient forces miss the reference and the case is not listed", report)
+    reason, cap, ratio = rule
+    report["reference_vs_float64"] = rel_err(ref, check["forces64"])
+    report["ours_vs_float64"] = rel_err(ours, check["forces64"])
+    print(config, system, reason, report)
+    assert TOL < report["reference_vs_float64"] <= cap, (reason, report)
+    assert report["ours_vs_float64"] <= ratio * report["reference_vs_float64"], (reason, report)
     return report
 
 
 @pytest.mark.parametrize("path", OK_CASES)
 def test_finetune_energy_and_gradient_forces(path):
+    config, system = parity.config_and_system(path)
     b, ref, batch = _single(path)
     energy, forces = b.finetune(batch)
     n = ref["pos"].shape[0]
     errors = {"finetune_energy": rel_err(energy[:1], np.atleast_1d(ref["finetune_energy"]))}
-    print(path.name, errors)
     assert errors["finetune_energy"] <= TOL, errors
-    errors.update(check_gradient_forces(b, batch, np.asarray(forces), ref["finetune_grad_forces"], n, path.name))
+    errors.update(check_gradient_forces(config, system, np.asarray(forces)[:n], ref["finetune_grad_forces"]))
     print(path.name, errors)
 
 
@@ -100,20 +195,28 @@ def test_whole_batch(path):
     b = bundle(config)
     ref = parity.load(path)
     files = {parity.config_and_system(f)[1]: f for f in parity.system_files(config=config)}
-    graphs = [structure_graphs(files[str(s)]) for s in ref["systems"]]
+    systems = [str(s) for s in ref["systems"]]
+    graphs = [structure_graphs(files[s]) for s in systems]
+    natoms = [int(x) for x in ref["natoms"]]
+    assert natoms == [g.sizes["node"] for g in graphs]
     batch = b.batch(graphs)
-    nb, n = len(graphs), int(np.sum(ref["natoms"]))
+    nb, n = len(graphs), sum(natoms)
     out = b.pretrain(batch)
     energy, forces = b.finetune(batch)
+    ones = [1] * nb
     errors = {
-        "pretrain_energy": rel_err(out.energy[:nb], ref["pretrain_energy"]),
-        "pretrain_forces": rel_err(out.forces[:n], ref["pretrain_forces"]),
-        "backbone_energy": rel_err(out.backbone.energy[:n], ref["backbone_energy"]),
-        "finetune_energy": rel_err(energy[:nb], ref["finetune_energy"]),
+        "pretrain_energy": worst_rel_err(out.energy[:nb], ref["pretrain_energy"], ones, task_axis=-1),
+        "backbone_energy": worst_rel_err(out.backbone.energy[:n], ref["backbone_energy"], natoms),
+        "finetune_energy": worst_rel_err(energy[:nb], ref["finetune_energy"], ones),
     }
     print(path.name, errors)
     assert max(errors.values()) <= TOL, errors
-    print(path.name, check_gradient_forces(b, batch, np.asarray(forces), ref["finetune_grad_forces"], n, path.name))
+    print(path.name, "pretrain_forces", check_direct_forces(b, config, systems, natoms, out, batch, ref["pretrain_forces"]))
+    starts = np.cumsum([0] + natoms)
+    forces, ref_forces = np.asarray(forces), ref["finetune_grad_forces"]
+    for i, system in enumerate(systems):
+        sl = slice(starts[i], starts[i + 1])
+        print(path.name, system, check_gradient_forces(config, system, forces[sl], ref_forces[sl]))
 
 
 @pytest.mark.parametrize("path", FAILED_REF_CASES)
@@ -132,7 +235,7 @@ def test_structure_without_reference_is_finite_and_batch_independent(path):
     e_m, f_m = b.finetune(mixed)
     for x in (out_a.energy, out_a.forces, out_a.backbone.energy, out_a.backbone.forces, e_a, f_a):
         assert np.isfinite(np.asarray(x)).all()
-    assert rel_err(out_m.energy[len(others)], out_a.energy[0]) <= 1e-5
-    assert rel_err(out_m.forces[start : start + n], out_a.forces[:n]) <= 1e-5
+    assert worst_rel_err(out_m.energy[len(others)], out_a.energy[0], task_axis=-1) <= 1e-5
+    assert worst_rel_err(out_m.forces[start : start + n], out_a.forces[:n], task_axis=-1) <= 1e-5
     assert rel_err(e_m[len(others)], e_a[0]) <= 1e-5
     assert rel_err(f_m[start : start + n], f_a[:n]) <= 1e-5
