@@ -12,7 +12,11 @@ takes the raw weights. OUT_DIR gets `variables/` (orbax) and `model.json`;
 with the PyTorch outputs stored there: either a parity file `{config}__{system}.npz`
 (inputs, JMP's graphs and outputs) or an outputs file with `{system}__pretrain_energy`
 / `{system}__pretrain_forces` keys whose inputs lie beside it as `*__{system}.npz`.
-Exit status 1 if any relative error exceeds --tolerance (default 1e-4).
+Every system must be compared on all outputs of the model's kind (pretrain_energy and
+pretrain_forces, or finetune_energy and finetune_grad_forces); the number of comparisons
+is printed per system. Exit status 1 if any relative error exceeds --tolerance (default
+1e-4), if an expected output of a system is missing from the reference, or if a system
+(or the whole reference) gives no comparison at all.
 """
 
 from __future__ import annotations
@@ -28,21 +32,43 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 
-def verify(model_dir: Path, reference: Path, tolerance: float) -> bool:
+# The outputs --verify compares, per kind of converted model (names as in the parity files).
+EXPECTED_OUTPUTS = {
+    "pretrain": ("pretrain_energy", "pretrain_forces"),
+    "energy": ("finetune_energy", "finetune_grad_forces"),
+}
+
+
+class Verification:
+    """What --verify found: per system the number of outputs compared, and every
+    failure (an error above the tolerance, a missing output, a system with no
+    comparison). True when there is no failure."""
+
+    def __init__(self, counts: dict[str, int], failures: list[str]):
+        self.counts, self.failures = counts, failures
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+    def __repr__(self) -> str:
+        return f"Verification(counts={self.counts}, failures={self.failures})"
+
+
+def verify(model_dir: Path, reference: Path, tolerance: float) -> Verification:
     import jax
 
     from jmp_jax import parity
-    from jmp_jax.data.batch import collate
     from jmp_jax.inference import load
-    from jmp_jax.models.bases import aggregation_sizes
 
     model = load(model_dir)
+    if model.kind not in EXPECTED_OUTPUTS:
+        raise SystemExit(f"--verify: cannot verify a {model.kind!r} model (only {sorted(EXPECTED_OUTPUTS)})")
+    expected = EXPECTED_OUTPUTS[model.kind]
     ref = parity.load(reference)
     if "pos" in ref:  # a parity system file: inputs and outputs together
         cases = {parity.config_and_system(reference)[1]: (ref, ref)}
-        prefix = ""
     else:
-        systems = sorted({k.split("__")[0] for k in ref})
+        systems = sorted({k.split("__")[0] for k in ref if "__" in k})
         cases = {}
         for system in systems:
             inputs = sorted(reference.parent.glob(f"*__{system}.npz"))
@@ -50,32 +76,56 @@ def verify(model_dir: Path, reference: Path, tolerance: float) -> bool:
                 raise SystemExit(f"--verify: no inputs '*__{system}.npz' beside {reference}")
             cases[system] = (parity.load(inputs[0]), {k.split("__", 1)[1]: v for k, v in ref.items()
                                                       if k.startswith(system + "__")})
-        prefix = ""
-    ok = True
+    counts: dict[str, int] = {}
+    failures: list[str] = []
+    if not cases:
+        failures.append(f"{reference.name}: no system with reference outputs")
     with jax.default_matmul_precision("highest"):
         for system, (inputs, outputs) in cases.items():
-            batch = collate([parity.reference_graphs(inputs, id=system)])
-            kmax = aggregation_sizes(batch)
-            if model.kind == "pretrain":
-                result = model.module.apply(model.variables, batch, kmax)
-                energy, forces = result.energy, result.forces
-                n = inputs["pos"].shape[0]
-                got = {"pretrain_energy": np.asarray(energy)[0], "pretrain_forces": np.asarray(forces)[:n]}
-            else:
-                from jmp_jax.models.model import energy_and_forces
+            missing = [key for key in expected if key not in outputs]
+            for key in missing:
+                failures.append(f"{system}: no reference output {key!r} in {reference.name}")
+                print(f"verify {system:12s} {key:22s} MISSING from {reference.name}")
+            counts[system] = 0
+            if len(missing) < len(expected):
+                for key, value in _outputs(model, inputs, system).items():
+                    if key in missing:
+                        continue
+                    want = np.asarray(outputs[key])
+                    counts[system] += 1
+                    if value.shape != want.shape:
+                        failures.append(f"{system}: {key} has shape {value.shape}, "
+                                        f"the reference {want.shape}")
+                        print(f"verify {system:12s} {key:22s} shape {value.shape} vs {want.shape}  FAIL")
+                        continue
+                    err = float(np.max(np.abs(value - want)) / max(np.max(np.abs(want)), 1e-30))
+                    ok = err <= tolerance  # False for NaN
+                    if not ok:
+                        failures.append(f"{system}: {key} relative error {err:.2e} > {tolerance:.0e}")
+                    print(f"verify {system:12s} {key:22s} relative error {err:.2e}  {'ok' if ok else 'FAIL'}")
+            if counts[system] == 0:
+                failures.append(f"{system}: zero comparisons")
+            print(f"verify {system}: {counts[system]} comparison(s)")
+    return Verification(counts, failures)
 
-                energy, forces = energy_and_forces(model.module, model.variables, batch, kmax)
-                n = inputs["pos"].shape[0]
-                got = {"finetune_energy": np.asarray(energy)[0], "finetune_grad_forces": np.asarray(forces)[:n]}
-            for key, value in got.items():
-                want = outputs.get(prefix + key)
-                if want is None:
-                    continue
-                err = float(np.max(np.abs(value - want)) / max(np.max(np.abs(want)), 1e-30))
-                status = "ok" if err <= tolerance else "FAIL"
-                ok &= err <= tolerance
-                print(f"verify {system:12s} {key:22s} relative error {err:.2e}  {status}")
-    return ok
+
+def _outputs(model, inputs, system) -> dict[str, np.ndarray]:
+    """The converted model's outputs on one reference structure (JMP's own graphs)."""
+    from jmp_jax import parity
+    from jmp_jax.data.batch import collate
+    from jmp_jax.models.bases import aggregation_sizes
+
+    batch = collate([parity.reference_graphs(inputs, id=system)])
+    kmax = aggregation_sizes(batch)
+    n = inputs["pos"].shape[0]
+    if model.kind == "pretrain":
+        result = model.module.apply(model.variables, batch, kmax)
+        return {"pretrain_energy": np.asarray(result.energy)[0],
+                "pretrain_forces": np.asarray(result.forces)[:n]}
+    from jmp_jax.models.model import energy_and_forces
+
+    energy, forces = energy_and_forces(model.module, model.variables, batch, kmax)
+    return {"finetune_energy": np.asarray(energy)[0], "finetune_grad_forces": np.asarray(forces)[:n]}
 
 
 def main(argv=None) -> int:
@@ -99,10 +149,12 @@ def main(argv=None) -> int:
     print(f"wrote {converted.kind} model ({converted.config.num_blocks} blocks, edge width "
           f"{converted.config.emb_size_edge}) to {out}")
     if args.verify is not None:
-        if not verify(out, args.verify, args.tolerance):
-            print("verification FAILED", file=sys.stderr)
+        result = verify(out, args.verify, args.tolerance)
+        if not result:
+            print("verification FAILED:\n  " + "\n  ".join(result.failures), file=sys.stderr)
             return 1
-        print("verification passed")
+        total = sum(result.counts.values())
+        print(f"verification passed ({total} comparisons, {len(result.counts)} systems)")
     return 0
 
 

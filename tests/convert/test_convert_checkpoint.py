@@ -285,18 +285,108 @@ def _lightning(sd, ema, **extra):
     return ckpt
 
 
-def test_synthetic_ema_substitution():
+# A small module tree in JMP's state-dict order (spec §6.1: embedding, backbone,
+# heads, task_steps), with every kind of key that the EMA rule skips between the
+# parameters, and the order of JMP's EMA tuple for it, written out by hand from
+# spec §6.1 (the tuple is `model.parameters()`: no buffers, the `seq_energy_pre`
+# alias once, under `layers`). Many shapes are equal, so only the order of the
+# values can tell a misalignment.
+EMA_TREE = [  # (key, shape, raw value)
+    ("embedding.atom_embedding.weight", (120, 4), -1.0),
+    ("backbone.bases.radial_basis.rbf.offset", (8,), -2.0),
+    ("backbone.bases.radial_basis.rbf.temps", (8,), -3.0),
+    ("backbone.bases.mlp_rbf_h.linear.weight", (4, 8), -4.0),
+    ("backbone.bases.cbf_basis_tint.radial_basis.rbf.offset", (8,), -5.0),
+    ("backbone.bases.mlp_cbf_tint.weight", (8, 7, 4), -6.0),
+    ("backbone.int_blocks.0.trip_interaction.scale_rbf.scale_factor", (), -7.0),
+    ("backbone.int_blocks.0.trip_interaction.mlp_rbf.linear.weight", (4, 4), -8.0),
+    ("backbone.out_blocks.0.layers.0.linear.weight", (4, 4), -9.0),
+    ("backbone.out_blocks.0.seq_energy_pre.0.linear.weight", (4, 4), -9.0),  # the same tensor
+    ("backbone.out_blocks.0.scale_sum.scale_factor", (), -10.0),
+    ("backbone.out_blocks.0.seq_energy2.0.dense_mlp.0.linear.weight", (4, 4), -11.0),
+    ("output.out_energy.0.0.weight", (4, 4), -12.0),
+    ("output.out_energy.0.0.bias", (4,), -13.0),
+    ("output.out_forces.0.0.weight", (4, 4), -14.0),
+]
+EMA_ORDER = [
+    "embedding.atom_embedding.weight",
+    "backbone.bases.mlp_rbf_h.linear.weight",
+    "backbone.bases.mlp_cbf_tint.weight",
+    "backbone.int_blocks.0.trip_interaction.mlp_rbf.linear.weight",
+    "backbone.out_blocks.0.layers.0.linear.weight",
+    "backbone.out_blocks.0.seq_energy2.0.dense_mlp.0.linear.weight",
+    "output.out_energy.0.0.weight",
+    "output.out_energy.0.0.bias",
+    "output.out_forces.0.0.weight",
+]
+# What extraction must return: EMA entry i holds 100 + i; buffers keep their raw value.
+EXPECTED_AFTER_EMA = {
+    "embedding.atom_embedding.weight": 100.0,
+    "backbone.bases.radial_basis.rbf.offset": -2.0,
+    "backbone.bases.radial_basis.rbf.temps": -3.0,
+    "backbone.bases.mlp_rbf_h.linear.weight": 101.0,
+    "backbone.bases.cbf_basis_tint.radial_basis.rbf.offset": -5.0,
+    "backbone.bases.mlp_cbf_tint.weight": 102.0,
+    "backbone.int_blocks.0.trip_interaction.scale_rbf.scale_factor": -7.0,
+    "backbone.int_blocks.0.trip_interaction.mlp_rbf.linear.weight": 103.0,
+    "backbone.out_blocks.0.layers.0.linear.weight": 104.0,
+    "backbone.out_blocks.0.seq_energy_pre.0.linear.weight": 104.0,  # EMA, like its `layers` twin
+    "backbone.out_blocks.0.scale_sum.scale_factor": -10.0,
+    "backbone.out_blocks.0.seq_energy2.0.dense_mlp.0.linear.weight": 105.0,
+    "output.out_energy.0.0.weight": 106.0,
+    "output.out_energy.0.0.bias": 107.0,
+    "output.out_forces.0.0.weight": 108.0,
+}
+
+
+def test_ema_substitution_follows_jmp_parameter_order():
+    sd = {key: np.full(shape, value, np.float32) for key, shape, value in EMA_TREE}
+    sd["task_steps.oc20"] = np.array(7, np.int64)
+    shape_of = {key: shape for key, shape, _ in EMA_TREE}
+    ema = tuple(np.full(shape_of[key], 100.0 + i, np.float32) for i, key in enumerate(EMA_ORDER))
+
+    assert ema_parameter_keys(sd) == EMA_ORDER
+    out, info = extract_state_dict(_lightning(sd, ema), strict=False)  # a partial backbone: no layout checks
+    assert info.ema_used and info.num_ema_tensors == len(EMA_ORDER)
+    assert info.ignored_keys == ["task_steps.oc20"]
+    assert info.alias_keys == ["backbone.out_blocks.0.seq_energy_pre.0.linear.weight"]
+    assert sorted(out) == sorted(EXPECTED_AFTER_EMA)
+    for key, value in EXPECTED_AFTER_EMA.items():
+        np.testing.assert_array_equal(out[key], np.full(shape_of[key], value, np.float32), err_msg=key)
+
+    # One tensor too many or too few in the tuple is an error, not a silent shift.
+    for bad in (ema[:-1], ema + (ema[-1],)):
+        with pytest.raises(ValueError, match="EMA misalignment"):
+            extract_state_dict(_lightning(sd, bad), strict=False)
+
+
+@pytest.mark.parametrize("size,count", [("s", 405), ("l", 585)])
+def test_ema_tuple_length_of_the_released_models(size, count):
+    """Spec §6.1: JMP-S's EMA tuple has 405 tensors, JMP-L's 585 (4 pre-training tasks)."""
+    keys = ["embedding.atom_embedding.weight"]
+    keys += ["backbone." + k for k in backbone_key_shapes(SIZE_PRESETS[size])]
+    for t in range(4):
+        for head in ("out_energy", "out_forces"):
+            keys += [f"output.{head}.{t}.{i}.{w}" for i in (0, 2, 4, 6) for w in ("weight", "bias")]
+            keys.append(f"output.{head}.{t}.8.weight")
+    keys += [f"task_steps.{name}" for name in ("oc20", "oc22", "ani1x", "transition1x")]
+    assert len(ema_parameter_keys(keys)) == count
+
+
+def test_synthetic_checkpoint_with_ema():
+    """A whole tiny JMP-shaped checkpoint: buffers and counters never take EMA
+    values, aliases follow their `layers` twin, the layout is recognised."""
     sd, ema = _synthetic()
     out, info = extract_state_dict(_lightning(sd, ema))
-    names = ema_parameter_keys(sd)
-    assert info.num_ema_tensors == len(names) == len(ema)
-    for name, value in zip(names, ema):
-        np.testing.assert_array_equal(out[name], value)
+    assert info.num_ema_tensors == len(ema)
     for k in sd:
         if k.endswith(("scale_factor", "rbf.offset", "rbf.temps")):
             np.testing.assert_array_equal(out[k], sd[k])  # buffers are never EMA
+        elif not k.startswith("task_steps"):
+            np.testing.assert_array_equal(out[k], sd[k] + 1)  # the synthetic EMA is the weights + 1
     assert info.layout == "pretrain" and info.num_tasks == 2 and info.size == "tiny"
     assert info.ignored_keys == ["task_steps.task0", "task_steps.task1"]
+    assert info.alias_keys
     for alias in info.alias_keys:
         np.testing.assert_array_equal(out[alias], sd[alias] + 1)  # EMA, like its `layers` twin
 

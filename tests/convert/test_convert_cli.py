@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from ase import Atoms
+from torchzip_writer import Call, Global, write_torch_zip
 
 from jmp_jax import parity
+from jmp_jax.convert.checkpoint import read_checkpoint
 from jmp_jax.inference import load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,24 +32,96 @@ def _cli():
     return module
 
 
+def _verify_counts(text: str) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"^verify (\S+): (\d+) comparison", text, re.MULTILINE)}
+
+
+def _reference_systems() -> list[str]:
+    """The tiny systems of the parity directory that have PyTorch outputs (by glob;
+    `water` has none: JMP's reference crashes on it)."""
+    files = parity.system_files(config="tiny")
+    return sorted(parity.config_and_system(f)[1] for f in files if bool(parity.load(f)["reference_ok"]))
+
+
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted_and_log(tmp_path_factory):
     out = tmp_path_factory.mktemp("conv") / "tiny"
-    assert _cli().main([str(CKPT), str(out), "--verify", str(EMA_OUTPUTS)]) == 0
-    return out
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        code = _cli().main([str(CKPT), str(out), "--verify", str(EMA_OUTPUTS)])
+    assert code == 0, log.getvalue()
+    return out, log.getvalue()
+
+
+@pytest.fixture(scope="module")
+def converted(converted_and_log):
+    return converted_and_log[0]
+
+
+def test_verify_compares_every_reference_system(converted_and_log):
+    _, log = converted_and_log
+    systems = _reference_systems()
+    assert systems  # the parity directory has systems with outputs
+    counts = _verify_counts(log)
+    # Both pre-training outputs (energy, forces) of every system, each within tolerance.
+    assert {s: counts.get(s, 0) for s in systems} == {s: 2 for s in systems}, log
+    assert "FAIL" not in log and "MISSING" not in log
 
 
 def test_ema_model_is_not_the_raw_model(converted, capsys):
     ethanol = parity.parity_dir() / "tiny__ethanol.npz"
     if ethanol.exists():
-        assert not _cli().verify(converted, ethanol, 1e-4)
+        result = _cli().verify(converted, ethanol, 1e-4)
+        assert not result and result.counts == {"ethanol": 2}
         assert "FAIL" in capsys.readouterr().out
 
 
-def test_converted_tiny_checkpoint_reproduces_ema_outputs(converted):
-    meta = json.loads((converted / "model.json").read_text())
-    assert meta["kind"] == "pretrain" and meta["ema"] is True
-    assert meta["task_names"] == ["oc20", "oc22", "ani1x", "transition1x"]
+def test_verify_fails_on_a_missing_output_or_no_comparison(converted, tmp_path, capsys):
+    """An outputs file that lacks an expected output, or a system with no output at
+    all, fails --verify with a message naming the system and the output."""
+    ethanol = parity.parity_dir() / "tiny__ethanol.npz"
+    if not ethanol.exists():
+        pytest.skip(f"{ethanol} absent")
+    (tmp_path / ethanol.name).symlink_to(ethanol)  # the inputs, beside the outputs file
+    energy_only = tmp_path / "energy_only.npz"
+    np.savez(energy_only, ethanol__pretrain_energy=parity.load(EMA_OUTPUTS)["ethanol__pretrain_energy"])
+    result = _cli().verify(converted, energy_only, 1e-4)
+    assert not result and result.counts == {"ethanol": 1}
+    assert result.failures == ["ethanol: no reference output 'pretrain_forces' in energy_only.npz"]
+    out = capsys.readouterr().out
+    assert "ethanol: 1 comparison" in out and "MISSING" in out
+
+    empty = tmp_path / "nothing.npz"
+    np.savez(empty, unrelated=np.zeros(3))
+    result = _cli().verify(converted, empty, 1e-4)
+    assert not result and result.counts == {} and "no system" in result.failures[0]
+
+    no_outputs = [f for f in parity.system_files(config="tiny") if not bool(parity.load(f)["reference_ok"])]
+    for f in no_outputs:  # e.g. water: inputs and graphs only
+        system = parity.config_and_system(f)[1]
+        result = _cli().verify(converted, f, 1e-4)
+        assert not result and result.counts == {system: 0}
+        assert f"{system}: zero comparisons" in result.failures
+        assert f"{system}: no reference output 'pretrain_energy' in {f.name}" in result.failures
+
+
+def test_a_corrupted_weight_fails_verify(tmp_path, capsys):
+    """The CLI end to end on a checkpoint whose one weight tensor is off by 1%:
+    conversion succeeds, --verify exits 1."""
+    ethanol = parity.parity_dir() / "tiny__ethanol.npz"
+    if not ethanol.exists():
+        pytest.skip(f"{ethanol} absent")
+    sd = dict(read_checkpoint(CKPT, mmap=False)["state_dict"])
+    key = "backbone.bases.edge_emb.dense.linear.weight"
+    sd[key] = sd[key] * np.float32(1.01)
+    path = tmp_path / "corrupted.ckpt"
+    write_torch_zip(path, {"state_dict": sd, "pytorch-lightning_version": "2.1.0",
+                           "hyper_parameters": Call(Global("jmp.tasks.pretrain.module", "PretrainConfig"))})
+    assert _cli().main([str(path), str(tmp_path / "bad"), "--no-ema", "--verify", str(ethanol)]) == 1
+    captured = capsys.readouterr()
+    assert _verify_counts(captured.out) == {"ethanol": 2}
+    assert "FAIL" in captured.out and "verification FAILED" in captured.err
+    assert "ethanol: pretrain_energy relative error" in captured.err
 
 
 def test_raw_weights_reproduce_the_recipe_model(tmp_path, capsys):
@@ -54,7 +131,8 @@ def test_raw_weights_reproduce_the_recipe_model(tmp_path, capsys):
     if not ethanol.exists():
         pytest.skip(f"{ethanol} absent")
     assert _cli().main([str(CKPT), str(tmp_path / "raw"), "--no-ema", "--verify", str(ethanol)]) == 0
-    assert "ok" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert _verify_counts(out) == {"ethanol": 2} and "FAIL" not in out
 
 
 def test_size_mismatch_is_an_error(tmp_path):

@@ -1,35 +1,85 @@
 """`main` end to end: a run SIGKILLed mid-way and restarted reproduces the
-uninterrupted run's losses exactly; a half-written checkpoint is never used."""
+uninterrupted run exactly (losses, and params, EMA, optimiser state, step, RNG
+and data position in the checkpoints); a half-written checkpoint is never used;
+validation uses the EMA weights."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import Mesh
 
+from jmp_jax.models.model import GemNetOCPretrain
+from jmp_jax.train import pretrain
+from jmp_jax.train.checkpoint import Checkpointer
+from jmp_jax.train.loss import TaskArrays
 from jmp_jax.train.metrics import read_csv
-from tests.train.common import run_main, start_main
+from jmp_jax.train.step import make_eval_step
+from tests.train.common import get_config, run_main, start_main
 
 pytestmark = pytest.mark.slow
+
+STEPS = {"train.num_steps": 8, "train.checkpoint_every": 3}
 
 
 def _losses(workdir):
     return dict(read_csv(workdir / "logs")["train/loss"])
 
 
-def test_sigkill_and_restart_reproduces_the_uninterrupted_losses(tmp_path):
-    steps = {"train.num_steps": 8, "train.checkpoint_every": 3}
+def _restore(workdir, step: int) -> tuple[dict, dict]:
+    """(state, meta) of a finalised checkpoint, as saved: a TrainState's fields as a
+    dict of arrays (no template needed), and the JSON item."""
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    try:
+        assert step in ckpt.manager.all_steps()
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        restored = ckpt.manager.restore(step, args=args)
+    finally:
+        ckpt.close()
+    return jax.tree.map(np.asarray, restored["state"]), restored["meta"]
+
+
+def _assert_identical(a, b, what: str) -> None:
+    paths_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    paths_b = jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in paths_a] == [p for p, _ in paths_b], what
+    for (path, x), (_, y) in zip(paths_a, paths_b):
+        name = f"{what}{jax.tree_util.keystr(path)}"
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert np.array_equal(x, y), name  # bit for bit (no NaN in a healthy run)
+
+
+def _validation(workdir, params, constants) -> dict:
+    """`pretrain.evaluate` (what the loop's validation calls) of given weights, with
+    the run's stored shapes and a freshly compiled eval step."""
+    config = get_config(**STEPS)
+    tasks = pretrain.build_tasks(config)
+    shapes = pretrain.RunShapes.from_json(json.loads((workdir / "run_shapes.json").read_text()))
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    model = GemNetOCPretrain(pretrain.model_config(config), num_tasks=len(tasks))
+    eval_step = make_eval_step(model, TaskArrays.from_specs([t.spec for t in tasks]), mesh, shapes.kmax)
+    run = pretrain.Run(config, mesh, tasks, shapes, model, num_steps=8, schedule=None, optimizer=None,
+                       state=None, train_step=None, eval_step=eval_step,
+                       template=pretrain.template_batch(tasks, shapes.budget))
+    return pretrain.evaluate(run, params, constants)
+
+
+def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"
-    run_main(reference, **steps)
+    run_main(reference, **STEPS)
     expected = _losses(reference)
     assert sorted(expected) == list(range(1, 9))
 
     workdir = tmp_path / "killed"
     with open(tmp_path / "killed.log", "w") as log:
-        proc = start_main(workdir, log=log, **steps)
+        proc = start_main(workdir, log=log, **STEPS)
         deadline = time.time() + 600
         while not (workdir / "checkpoints" / "3").is_dir():  # orbax renames a step's directory when complete
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
@@ -46,10 +96,36 @@ def test_sigkill_and_restart_reproduces_the_uninterrupted_losses(tmp_path):
     (junk / "state").mkdir(parents=True)
     (junk / "state" / "garbage").write_bytes(b"\x00" * 100)
 
-    out = run_main(workdir, **steps)
+    # The restart also validates at its last step (validation reads the state, never changes it).
+    out = run_main(workdir, **STEPS, **{"train.eval_every": 8})
     assert "from the checkpoint of step 3" in out, out[-3000:]
     after = _losses(workdir)
     assert sorted(after) == list(range(1, 9))
     # Exactly the same numbers, bit for bit (the CSV keeps full precision).
     assert [after[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)]
     assert np.all(np.isfinite(list(after.values())))
+
+    # The checkpoints the two runs wrote after the restart point are identical, bit
+    # for bit: params, EMA, optimiser state (moments and counts), step, RNG, skipped
+    # updates, and each process's data position.
+    for step in (6, 8):
+        want_state, want_meta = _restore(reference, step)
+        got_state, got_meta = _restore(workdir, step)
+        assert set(got_state) == {"step", "params", "constants", "opt_state", "ema", "rng", "skipped"}
+        assert int(got_state["step"]) == step and int(got_state["skipped"]) == 0
+        for field in sorted(want_state):
+            _assert_identical(got_state[field], want_state[field], f"step {step} {field}")
+        assert got_meta["data"] == want_meta["data"] and got_meta["step"] == want_meta["step"] == step
+    final, _ = _restore(workdir, 8)
+    assert not all(np.array_equal(e, p) for e, p in zip(jax.tree.leaves(final["ema"]),
+                                                         jax.tree.leaves(final["params"])))
+
+    # Validation at step 8 used the EMA weights: it is the EMA model's evaluation,
+    # bit for bit, and not the raw parameters'.
+    logged = {tag[len("val/"):]: dict(values)[8] for tag, values in read_csv(workdir / "logs").items()
+              if tag.startswith("val/")}
+    assert "loss" in logged and any(k.endswith("/energy_mae") for k in logged)
+    with_ema = _validation(workdir, final["ema"], final["constants"])
+    with_params = _validation(workdir, final["params"], final["constants"])
+    assert {k: float(v) for k, v in with_ema.items()} == logged
+    assert with_params["loss"] != pytest.approx(logged["loss"], rel=1e-4)
