@@ -222,9 +222,10 @@ def test_presets_match_the_parity_meta():
 
 
 def test_presets_match_gemnet_oc_config():
-    config_mod = pytest.importorskip("jmp_jax.models.config")
+    from jmp_jax.models.config import GemNetOCConfig
+
     for size, method in (("s", "jmp_s"), ("l", "jmp_l"), ("tiny", "tiny")):
-        cfg = getattr(config_mod.GemNetOCConfig, method)().to_dict()
+        cfg = getattr(GemNetOCConfig, method)().to_dict()
         assert {k: cfg[k] for k in BACKBONE_HPARAM_FIELDS} == SIZE_PRESETS[size], size
 
 
