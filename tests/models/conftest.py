@@ -160,6 +160,23 @@ def has_self_image_edges(graphs) -> bool:
     return any(np.any(graphs[f"{n}_senders"] == graphs[f"{n}_receivers"]) for n in ("main", "a2ee2a", "qint"))
 
 
+def has_parallel_self_image_dihedrals(graphs) -> bool:
+    """Two images of one atom's own periodic images along the same lattice
+    direction meet in a quadruplet cross product (u = V_db × V_ba or
+    w = V_ca × V_ba': a main and a qint self-image edge with parallel offsets).
+    Their float cross product is FMA rounding residue rather than 0, and JMP's
+    dihedral atan2(max(|p × r|, 1e-9), p·r) turns it into an angle decided by
+    rounding, in float32 as in float64."""
+    def meet(e_main, e_qint):
+        self_image = (graphs["main_senders"][e_main] == graphs["main_receivers"][e_main]) & (
+            graphs["qint_senders"][e_qint] == graphs["qint_receivers"][e_qint]
+        )
+        parallel = np.all(np.cross(graphs["main_offsets"][e_main], graphs["qint_offsets"][e_qint]) == 0, axis=-1)
+        return bool(np.any(self_image & parallel))
+
+    return meet(graphs["qtrip_in_in"], graphs["qtrip_in_out"]) or meet(graphs["qtrip_out_out"], graphs["qtrip_out_in"])
+
+
 def finite_difference_errors(model, variables, batch, kmax, natoms, directions: int = 2,
                              steps=(1e-6, 1e-7, 1e-8), seed: int = 0):
     """Gradient forces of `model` against central differences of its energy, all in

@@ -10,7 +10,7 @@ stored graphs (`parity.reference_graphs`), whose main-edge order equals
 
 from __future__ import annotations
 
-import fnmatch
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -21,6 +21,7 @@ from tests.models.conftest import (
     bundle,
     config_marks,
     float64_gradient_check,
+    has_parallel_self_image_dihedrals,
     no_fixtures_param,
     reference,
     rel_err,
@@ -34,25 +35,51 @@ TOL = 1e-4
 # (directional, per structure; see conftest.finite_difference_errors).
 FD_TOL = 1e-6
 
-# The only cases whose float32 gradient forces may miss the reference by more than
-# TOL: (config, system) glob -> (reason, cap, ratio). Such a case passes only if
-# the JMP reference itself is further than TOL from the float64 gradient of the
-# same model but no further than `cap` (larger means the reference is broken, not
-# just imprecise), and ours is within `ratio` × the reference's own error of it.
-FLOAT32_LIMITED = {
-    ("jmp_s", "*"): (
-        "JMP-S scale factors with the recipe's random weights give energies of 1e9-1e11: "
-        "float32 gradient forces are differences of huge cancelling sums (JMP's: 1e-3 to 2.4e-1 off float64)",
+
+
+class Float32Limit(NamedTuple):
+    """A stated reason why float32 gradient forces may miss the reference by more
+    than TOL, with the test that it applies (on the system's reference file and
+    graphs). A case passes under it only if the JMP reference itself is further
+    than TOL from the float64 gradient of the same model but no further than `cap`
+    (larger means a broken reference, not an imprecise one), and ours is within
+    `ratio` × the reference's own error of that float64 gradient."""
+
+    name: str
+    applies: Callable[[dict, object], bool]
+    reason: str
+    cap: float
+    ratio: float
+
+
+# The only ways a gradient-force case may miss TOL (measured values in the reasons).
+FLOAT32_LIMITED = (
+    Float32Limit(
+        "huge_energy",
+        lambda ref, graphs: abs(float(np.sum(ref["finetune_energy"]))) >= 1e8,
+        "|E| >= 1e8 (the recipe's random weights with JMP's fitted scale factors: JMP-S 2e9-7e11, "
+        "JMP-L 2e17-8e21): float32 gradient forces are differences of huge cancelling sums; on JMP-S, "
+        "JMP's own are 1.3e-3 to 0.24 off float64, ours 2.6e-4 to 0.08 (at most 2.3x JMP's, Cu slab)",
         0.3,
         3.0,
     ),
-    ("*", "si_bulk"): (
-        "2-atom cell: exactly parallel self-image edges, whose dihedral is float32 rounding noise in JMP "
-        "(and float64 noise in the referee), so forces disagree beyond TOL at any precision",
+    Float32Limit(
+        "parallel_self_images",
+        lambda ref, graphs: has_parallel_self_image_dihedrals(graphs),
+        "exactly parallel self-image edges meet in a quadruplet cross product, whose value is FMA rounding "
+        "residue (torch and XLA alike), so the dihedral is rounding noise in float32 and in the float64 "
+        "referee (tiny si_bulk: JMP 0.12 and ours 0.09 off float64)",
         0.2,
         1.0,
     ),
-}
+)
+
+# Direct (pre-training) forces are sums of per-edge terms s_e · V_e onto atoms.
+# Where a task's force nearly cancels (max over atoms of Σ_e |s_e| at least
+# MIN_CANCELLATION × max|F|), float32 is accurate only relative to the terms: such
+# a task passes if max|Δ| ≤ (TOL / MIN_CANCELLATION) × max Σ|s_e| (measured, tiny
+# si_bulk task ani1x: cancellation 378, error 1.2e-4 of max|F| = 3.1e-7 of the terms).
+MIN_CANCELLATION = 100.0
 
 FILES = parity.system_files()
 OK_CASES = [
@@ -78,28 +105,6 @@ def _single(path):
     return b, ref, batch
 
 
-# Direct (pre-training) forces: the only cases allowed past TOL, (config, system)
-# glob -> (reason, cap). The reason is verified: every task that misses TOL must
-# have each atom's force cancel at least MIN_CANCELLATION-fold, i.e. the largest
-# Σ_e |s_e| (the per-edge terms summed onto an atom) ≥ 100 × max|F|, where float32
-# can only be accurate relative to the terms, not to their near-zero sum.
-CANCELLING_DIRECT_FORCES = {
-    ("*", "si_bulk"): (
-        "2-atom diamond cell, rattled: by symmetry each atom's direct force is a near-cancelling "
-        "sum of its edge terms (tiny, task ani1x: Σ|terms| = 378 × max|F|)",
-        3e-4,
-    ),
-}
-MIN_CANCELLATION = 100.0
-
-
-def _limited(config: str, system: str, table=FLOAT32_LIMITED):
-    for (c, s), rule in table.items():
-        if fnmatch.fnmatchcase(config, c) and fnmatch.fnmatchcase(system, s):
-            return rule
-    return None
-
-
 def direct_force_term_sums(b, out, batch) -> np.ndarray:
     """Σ_e |s_e| per atom and task [N_pad, T]: the magnitudes of the per-edge terms
     s_e · V_e that each direct-force head sums onto an atom."""
@@ -115,9 +120,10 @@ def direct_force_term_sums(b, out, batch) -> np.ndarray:
 
 
 def check_direct_forces(b, config: str, systems, natoms, out, batch, ref) -> float:
-    """Per structure and task rel error of the pre-training direct forces ≤ TOL, or
-    a listed near-cancelling case (CANCELLING_DIRECT_FORCES) whose cancellation is
-    measured here and whose error stays under its cap. Returns the worst error."""
+    """Per structure and task, the pre-training direct forces within TOL of JMP's,
+    or, for a task whose forces nearly cancel (MIN_CANCELLATION, measured here),
+    within TOL / MIN_CANCELLATION of the magnitude of the summed edge terms.
+    Returns the worst relative error."""
     n = sum(natoms)
     errors = rel_errs(out.forces[:n], ref, natoms, task_axis=-1)
     starts = np.cumsum([0] + list(natoms))
@@ -125,15 +131,15 @@ def check_direct_forces(b, config: str, systems, natoms, out, batch, ref) -> flo
         bad = np.flatnonzero(errors[i] > TOL)
         if not bad.size:
             continue
-        rule = _limited(config, system, CANCELLING_DIRECT_FORCES)
-        assert rule is not None, (f"{config}/{system}: direct forces miss TOL in tasks {bad}", errors[i])
-        reason, cap = rule
         sl = slice(starts[i], starts[i + 1])
-        terms = direct_force_term_sums(b, out, batch)[sl]
-        cancellation = terms.max(axis=0) / np.abs(ref[sl]).max(axis=(0, 1))
-        print(config, system, reason, {"errors": errors[i], "cancellation": cancellation})
-        assert np.all(cancellation[bad] >= MIN_CANCELLATION), (reason, cancellation, errors[i])
-        assert np.all(errors[i] <= cap), (reason, errors[i])
+        terms = direct_force_term_sums(b, out, batch)[sl].max(axis=0)  # [T]
+        fmax = np.abs(ref[sl]).max(axis=(0, 1))
+        cancellation = terms / fmax
+        of_terms = errors[i] * fmax / terms
+        report = {"errors": errors[i], "cancellation": cancellation, "error_of_terms": of_terms}
+        print(config, system, "direct forces past TOL", report)
+        assert np.all(cancellation[bad] >= MIN_CANCELLATION), (f"{config}/{system}: tasks {bad} miss TOL", report)
+        assert np.all(of_terms[bad] <= TOL / MIN_CANCELLATION), (f"{config}/{system}", report)
     return float(errors.max())
 
 
@@ -159,22 +165,26 @@ def test_pretrain_and_backbone_outputs(path):
 def check_gradient_forces(config: str, system: str, ours, ref) -> dict:
     """F = −∂E/∂x of one structure: (1) our float64 gradient equals central
     differences of our float64 energy (FD_TOL); (2) our float32 forces are within
-    TOL of JMP's, or the case is listed in FLOAT32_LIMITED and passes its rule
-    against the float64 referee."""
+    TOL of JMP's, or one of FLOAT32_LIMITED applies to the system and its rule
+    holds against the float64 referee."""
     check = float64_gradient_check(config)[system]
     report = {"finetune_grad_forces": rel_err(ours, ref), "fd_error": check["fd_error"], "fd_model": check["fd_model"]}
     assert check["fd_error"] <= FD_TOL, (system, report)
     if report["finetune_grad_forces"] <= TOL:
         return report
-    rule = _limited(config, system)
-    assert rule is not None, (f"{config}/{system}: gradient forces miss the reference and the case is not listed", report)
-    reason, cap, ratio = rule
-    report["reference_vs_float64"] = rel_err(ref, check["forces64"])
-    report["ours_vs_float64"] = rel_err(ours, check["forces64"])
-    print(config, system, reason, report)
-    assert TOL < report["reference_vs_float64"] <= cap, (reason, report)
-    assert report["ours_vs_float64"] <= ratio * report["reference_vs_float64"], (reason, report)
+    path = system_file(config, system)
+    rules = [r for r in FLOAT32_LIMITED if r.applies(reference(path), structure_graphs(path))]
+    assert rules, (f"{config}/{system}: gradient forces miss the reference and no FLOAT32_LIMITED reason applies", report)
+    report["reference_vs_float64"] = ref_err = rel_err(ref, check["forces64"])
+    report["ours_vs_float64"] = our_err = rel_err(ours, check["forces64"])
+    report["limits"] = [r.name for r in rules]
+    print(config, system, report, *(r.reason for r in rules), sep="\n  ")
+    assert any(TOL < ref_err <= r.cap and our_err <= r.ratio * ref_err for r in rules), report
     return report
+
+
+def system_file(config: str, system: str):
+    return parity.parity_dir() / f"{config}__{system}.npz"
 
 
 @pytest.mark.parametrize("path", OK_CASES)
