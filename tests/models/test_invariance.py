@@ -183,8 +183,8 @@ def tie_free_case(st: Structure, cutoff: float, k0: int) -> tuple[Structure, Gra
     (distances equal to ~1e-15) get the same graphs. Periodic cells always tie:
     an atom's own images ±n are equidistant, and in a symmetric cell whole shells
     are (12 at once in diamond Si); if no k avoids them, the cell is strained a
-    little, which leaves only the ±n pairs."""
-    for candidate in (st, _strained(st, seed=1)):
+    little (up to three random strains), which leaves only the ±n pairs."""
+    for candidate in (st, *(_strained(st, seed=seed) for seed in (1, 2, 3))):
         k = _tie_free_k(candidate, cutoff, k0)
         if k is not None:
             return candidate, GraphConfig(cutoff=cutoff, max_neighbors=k)
