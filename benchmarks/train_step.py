@@ -34,7 +34,7 @@ from jmp_jax.models.bases import AggregationSizes  # noqa: E402
 from jmp_jax.models.config import GemNetOCConfig  # noqa: E402
 from jmp_jax.models.model import GemNetOCPretrain  # noqa: E402
 from jmp_jax.train import optim  # noqa: E402
-from jmp_jax.train.loss import TaskArrays, TaskSpec  # noqa: E402
+from jmp_jax.train.loss import PretrainObjective, TaskArrays, TaskSpec  # noqa: E402
 from jmp_jax.train.step import TrainState, make_train_step, replicate  # noqa: E402
 
 
@@ -97,7 +97,8 @@ def main(argv=None):
     optimizer = optim.adamw(optim.learning_rate_schedule(3e-4, 10_000))
     state = replicate(TrainState.create(variables, optimizer, 0), mesh)
     tasks = TaskArrays.from_specs([TaskSpec(str(t)) for t in range(4)])
-    step = make_train_step(model, tasks, optimizer, mesh, kmax, num_blocks=cfg.num_blocks,
+    step = make_train_step(PretrainObjective(model, tasks, kmax, [str(t) for t in range(4)]), optimizer, mesh,
+                           gradient_scale=optim.shared_basis_scaling(cfg.num_blocks),
                            compute_dtype=None if args.dtype == "float32" else args.dtype)
     device_batch = shard_batches([batch], mesh)
 

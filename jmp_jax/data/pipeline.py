@@ -56,6 +56,12 @@ class GraphSource:
       (JMP's ANI-1x / Transition-1x setting) whatever the record says.
     linear_reference: [120] per-element energies; if given, the `energy` label
       is E - Σ c[Z], computed in float64 before the cast to float32.
+    targets: names of per-structure `Record.targets` carried to the device as
+      graph labels `target.<name>` (float32; a record without one is an error
+      naming it). target_references: {name: [120] per-element values}
+      subtracted as Σ ref[Z] in float64 before the cast (QM9's referenced targets).
+    natoms_max_neighbors: ((natoms, k), ...) ascending: a structure with more
+      than `natoms` atoms gets base k (MatBench / QMOF: ((200, 10), (300, 5))).
     """
 
     name: str
@@ -64,6 +70,17 @@ class GraphSource:
     task: int = 0
     pbc: bool | None = None
     linear_reference: np.ndarray | None = None
+    targets: tuple[str, ...] = ()
+    target_references: dict | None = None
+    natoms_max_neighbors: tuple[tuple[int, int], ...] = ()
+
+    def graph_for(self, natoms: int) -> GraphConfig:
+        """The graph settings of a structure with `natoms` atoms."""
+        k = None
+        for threshold, value in self.natoms_max_neighbors:
+            if natoms > threshold:
+                k = value
+        return self.graph if k is None else dataclasses.replace(self.graph, max_neighbors=int(k))
 
 
 @dataclasses.dataclass
@@ -85,8 +102,9 @@ def make_example(source: GraphSource, index: int, seed=None) -> Example:
     pbc = record.pbc if source.pbc is None else np.full(3, bool(source.pbc))
     structure = Structure.create(record.positions, record.atomic_numbers, record.cell if pbc.any() else None,
                                  pbc, record.tags, id=f"{source.name}/{record.id}")
-    rng = np.random.default_rng(seed) if source.graph.edge_dropout > 0.0 else None
-    graphs = build_graphs(structure, source.graph, rng)
+    graph = source.graph_for(record.num_atoms)
+    rng = np.random.default_rng(seed) if graph.edge_dropout > 0.0 else None
+    graphs = build_graphs(structure, graph, rng)
     n = record.num_atoms
     energy = np.nan if record.energy is None else record.energy
     if source.linear_reference is not None and record.energy is not None:
@@ -101,6 +119,16 @@ def make_example(source: GraphSource, index: int, seed=None) -> Example:
         "has_forces": np.bool_(record.forces is not None),
         "task": np.int32(source.task),
     }
+    for name in source.targets:
+        if name not in record.targets:
+            raise ValueError(f"{source.name}/{record.id}: no target {name!r} (it has {sorted(record.targets)})")
+        value = np.asarray(record.targets[name], dtype=np.float64)
+        if value.shape != ():
+            raise ValueError(f"{source.name}/{record.id}: target {name!r} is not a scalar (shape {value.shape})")
+        refs = (source.target_references or {}).get(name)
+        if refs is not None:
+            value = value - np.sum(np.asarray(refs, np.float64)[record.atomic_numbers])
+        graph_labels[f"target.{name}"] = np.float32(value)
     return Example(graphs, node_labels, graph_labels)
 
 
@@ -200,12 +228,14 @@ class GraphLoader:
       stacks `len(its devices) * per_device` packed batches per step and the
       global array is sharded over the mesh (overrides `devices`).
     per_device: packed batches per device and step (gradient accumulation).
+    epoch_aligned: no packed batch holds records of two epochs (fine-tuning
+      validates, checkpoints and steps its plateau rule at epoch ends).
     """
 
     def __init__(self, sources: Sequence[GraphSource], sampler: MixtureSampler, budget: PadSizes,
                  workers: int = 0, devices=None, prefetch: int = 2, chunk: int = 16,
                  state: SamplerState | dict | None = None, epochs: int | None = None,
-                 kmax=None, mesh=None, per_device: int = 1):
+                 kmax=None, mesh=None, per_device: int = 1, epoch_aligned: bool = False):
         if len(sources) != len(sampler.sizes):
             raise ValueError(f"{len(sources)} sources but the sampler mixes {len(sampler.sizes)} datasets")
         self.sources = list(sources)
@@ -219,6 +249,7 @@ class GraphLoader:
         self.kmax = None if kmax is None else {k: int(kmax[k]) for k in RANK_FIELDS}
         self.mesh = mesh
         self.per_device = per_device
+        self.epoch_aligned = epoch_aligned
         if isinstance(state, dict):
             state = SamplerState.from_dict(state)
         self._start = state or SamplerState()
@@ -284,7 +315,8 @@ class GraphLoader:
                 self._skip(example.graphs.id, reason)
                 last_state = st if not current else last_state
                 continue
-            if current and not fits(total, sizes, self.budget):
+            if current and (not fits(total, sizes, self.budget)
+                            or (self.epoch_aligned and st.epoch != last_state.epoch)):
                 yield self._collate(current, total), last_state
                 current, total = [], collections.Counter()
             current.append(example)

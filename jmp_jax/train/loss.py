@@ -162,3 +162,38 @@ def task_metrics(sums: Mapping[str, np.ndarray], task_names: Sequence[str]) -> d
         if sums["force_n"][t] > 0:
             out[f"{name}/force_mae"] = float(sums["force_abs"][t] / sums["force_n"][t])
     return out
+
+
+class PretrainObjective:
+    """JMP's multi-task pre-training objective for the shared step (`jmp_jax.train.step`):
+    the model's per-task energies and direct forces -> `pretrain_sums`; loss =
+    energy sum / #structures with an energy + force sum / #structures with forces."""
+
+    def __init__(self, model, tasks: TaskArrays, kmax, task_names: Sequence[str]):
+        self.model, self.kmax, self.task_names = model, kmax, tuple(task_names)
+        self.tasks = TaskArrays(*(jnp.asarray(x) for x in tasks))
+
+    def counts(self, batch):
+        e, f = label_counts(batch)
+        return {"energy_count": e, "force_count": f}
+
+    def sums(self, params, constants, batch, deterministic, rng):
+        rngs = None if rng is None else {"dropout": rng}
+        out = self.model.apply({"params": params, "constants": constants}, batch, self.kmax,
+                               deterministic=deterministic, rngs=rngs)
+        return pretrain_sums(out.energy, out.forces, batch, self.tasks)
+
+    def loss(self, sums, counts):
+        energy = sums["energy_loss"] / jnp.maximum(counts["energy_count"], 1.0)
+        force = sums["force_loss"] / jnp.maximum(counts["force_count"], 1.0)
+        return {"loss": energy + force, "energy_loss": energy, "force_loss": force}
+
+    def train_scalars(self, m):
+        out = {k: float(m[k]) for k in ("loss", "energy_loss", "force_loss", "grad_norm")}
+        out.update(task_metrics(m, self.task_names))
+        return out
+
+    def metrics(self, totals):
+        out = task_metrics(totals, self.task_names)
+        out.update({k: float(v) for k, v in loss_from_sums(totals).items()})
+        return out

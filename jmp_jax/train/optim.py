@@ -58,3 +58,8 @@ def ema_update(ema, params, decay: float):
 def all_finite(tree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def shared_basis_scaling(num_blocks: int):
+    """`gradient_scale` for the shared step: grads -> `shared_gradient_scale(grads, num_blocks)`."""
+    return lambda grads: shared_gradient_scale(grads, num_blocks)

@@ -1,13 +1,18 @@
-"""Data-parallel train and eval steps: one code path for 1..N devices and hosts.
+"""Data-parallel train and eval steps shared by every recipe: one code path for
+1..N devices and hosts.
+
+A recipe supplies an `Objective`: how to run its model on one packed batch and
+reduce the result to *sums* (loss numerators, metric sums) plus the *counts*
+its loss divides them by. Everything else lives here, once:
 
 A step's global batch is a stack of packed `GraphBatch`es with a leading axis
-sharded over the mesh's 'data' axis: every device gets `per_device` packed
+sharded over the mesh's `MESH_AXIS`: every device gets `per_device` packed
 batches (gradient accumulation). The step is `jax.jit` of a `shard_map`: each
-device runs the model on its batches (a `lax.scan`), sums losses, metrics and
-gradients, and one `psum` over 'data' combines them; the optimiser update then
-runs on replicated parameters. Because the loss is a sum over structures divided
-by global counts (`jmp_jax.train.loss`), any split of the same structures over
-devices and microbatches gives the same loss and update to float rounding.
+device runs the objective on its batches (a `lax.scan`), sums losses, metrics and
+gradients, and one `psum` combines them; the optimiser update then runs on
+replicated parameters. Because a loss is a sum over structures (or atoms) divided
+by global counts, any split of the same structures over devices and microbatches
+gives the same loss and update to float rounding.
 
 Parameters and optimiser state stay float32; `compute_dtype="bfloat16"` casts
 the parameters for the forward/backward pass only (the gradients come back
@@ -16,12 +21,17 @@ float32 through the cast), and losses are reduced in float32.
 A non-finite loss or gradient leaves params, optimiser state and EMA
 untouched; the step counter advances (the batch is consumed, as a skipped AMP
 step in JMP) and `skipped` counts it.
+
+Host-driven hyper-parameters (fine-tuning's per-group learning rates, which
+follow epochs and a plateau rule) enter as the step's third argument `hyper`,
+applied to the optimiser state by the recipe's `set_hyper(opt_state, hyper)`
+inside the compiled step; values change, shapes do not, so nothing recompiles.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.struct
 import jax
@@ -29,9 +39,38 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jmp_jax.models.bases import AggregationSizes
+from jmp_jax.constants import MESH_AXIS
 from jmp_jax.train import optim
-from jmp_jax.train.loss import TaskArrays, label_counts, loss_from_sums, pretrain_sums
+
+
+class Objective:
+    """What a recipe's loss is made of (subclass it).
+
+    counts(batch): {name: scalar} denominators of one packed batch; the step sums
+      them over microbatches and devices before the loss is formed.
+    sums(params, constants, batch, deterministic, rng): {name: array} summed
+      quantities of one packed batch (loss numerators and metric sums); padding
+      must contribute exactly 0.
+    loss(sums, counts): {"loss": scalar, ...terms}; linear in `sums` for fixed
+      `counts`, so Σ_microbatches loss(sums_i, global counts) is the batch loss.
+    train_scalars(m) / metrics(totals): host-side dicts of floats for logging a
+      step's outputs and for a validation pass's summed `sums`.
+    """
+
+    def counts(self, batch) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def sums(self, params, constants, batch, deterministic: bool, rng) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def loss(self, sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def train_scalars(self, m: Mapping[str, Any]) -> dict[str, float]:
+        return {k: float(m[k]) for k in ("loss", "grad_norm")}
+
+    def metrics(self, totals: Mapping[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
 
 
 @flax.struct.dataclass
@@ -40,15 +79,15 @@ class TrainState:
     params: Any
     constants: Any  # scale factors, rbf buffers: never trained
     opt_state: Any
-    ema: Any
+    ema: Any  # {} when the recipe keeps no EMA (fine-tuning)
     rng: jax.Array  # raw uint32 PRNG key data
     skipped: jax.Array  # updates skipped for non-finite loss or gradient
 
     @classmethod
-    def create(cls, variables, optimizer: optax.GradientTransformation, seed: int) -> "TrainState":
+    def create(cls, variables, optimizer: optax.GradientTransformation, seed: int, ema: bool = True) -> "TrainState":
         params = variables["params"]
         return cls(step=jnp.zeros((), jnp.int32), params=params, constants=variables.get("constants", {}),
-                   opt_state=optimizer.init(params), ema=jax.tree.map(jnp.copy, params),
+                   opt_state=optimizer.init(params), ema=jax.tree.map(jnp.copy, params) if ema else {},
                    rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32))
 
 
@@ -66,51 +105,49 @@ def _sum_over_microbatches(fn, batch, *extra):
     return total
 
 
-def make_train_step(model, tasks: TaskArrays, optimizer: optax.GradientTransformation, mesh,
-                    kmax: AggregationSizes, *, ema_decay: float = 0.99, num_blocks: int | None = None,
-                    compute_dtype: str | None = None) -> Callable:
-    """(state, batch) -> (state, metrics): one optimiser step on a global batch.
+def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, mesh, *,
+                    ema_decay: float | None = 0.99, gradient_scale: Callable | None = None,
+                    compute_dtype: str | None = None, set_hyper: Callable | None = None) -> Callable:
+    """(state, batch[, hyper]) -> (state, metrics): one optimiser step on a global batch.
 
-    metrics: loss, energy_loss, force_loss (normalised), grad_norm (before
-    clipping), lr-independent sums of `pretrain_sums` (summed over the batch),
-    finite (bool)."""
-    tasks = TaskArrays(*(jnp.asarray(x) for x in tasks))
+    gradient_scale(grads) -> tree of per-leaf factors applied before the
+    optimiser (GemNet-OC's shared-basis rule, `optim.shared_gradient_scale`).
+    ema_decay None: no EMA (state.ema stays {}).
+    metrics: the objective's loss terms, grad_norm (before clipping), finite
+    (bool), and the objective's sums and counts over the global batch."""
     dtype = jnp.dtype(compute_dtype) if compute_dtype else None
 
     def device_grads(state: TrainState, batch):
-        e_count, f_count = jax.tree.map(lambda x: jax.lax.psum(jnp.sum(x), "data"),
-                                        jax.vmap(label_counts)(batch))
+        counts = jax.tree.map(lambda x: jax.lax.psum(jnp.sum(x), MESH_AXIS), jax.vmap(objective.counts)(batch))
         key = jax.random.wrap_key_data(state.rng)
-        key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index("data"))
+        key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(MESH_AXIS))
         keys = jax.random.split(key, jax.tree.leaves(batch)[0].shape[0])
 
-        def objective(params, b, k):
+        def value(params, b, k):
             p = cast_floats(params, dtype) if dtype is not None else params
-            out = model.apply({"params": p, "constants": state.constants}, b, kmax, deterministic=False,
-                              rngs={"dropout": k})
-            sums = pretrain_sums(out.energy, out.forces, b, tasks)
-            value = sums["energy_loss"] / jnp.maximum(e_count, 1.0) + sums["force_loss"] / jnp.maximum(f_count, 1.0)
-            return value, sums
+            sums = objective.sums(p, state.constants, b, False, k)
+            return objective.loss(sums, counts)["loss"], sums
 
         def one(b, k):
-            (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(state.params, b, k)
+            (_, sums), grads = jax.value_and_grad(value, has_aux=True)(state.params, b, k)
             return grads, sums
 
         grads, sums = _sum_over_microbatches(one, batch, keys)
-        return jax.lax.psum((grads, sums), "data")
+        return jax.lax.psum((grads, sums), MESH_AXIS), counts
 
-    sharded = jax.shard_map(device_grads, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False)
+    sharded = jax.shard_map(device_grads, mesh=mesh, in_specs=(P(), P(MESH_AXIS)), out_specs=P(), check_vma=False)
 
-    def step(state: TrainState, batch):
-        grads, sums = sharded(state, batch)
-        if num_blocks:
-            grads = jax.tree.map(lambda g, f: g * f, grads, optim.shared_gradient_scale(grads, num_blocks))
-        losses = loss_from_sums(sums)
+    def step(state: TrainState, batch, hyper=None):
+        opt_state = state.opt_state if hyper is None else set_hyper(state.opt_state, hyper)
+        (grads, sums), counts = sharded(state, batch)
+        if gradient_scale is not None:
+            grads = jax.tree.map(lambda g, f: g * f, grads, gradient_scale(grads))
+        losses = objective.loss(sums, counts)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm) & optim.all_finite(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, new_opt_state = optimizer.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = optim.ema_update(state.ema, params, ema_decay)
+        ema = optim.ema_update(state.ema, params, ema_decay) if ema_decay is not None else state.ema
 
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -118,32 +155,29 @@ def make_train_step(model, tasks: TaskArrays, optimizer: optax.GradientTransform
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            opt_state=keep(new_opt_state, opt_state),
             ema=keep(ema, state.ema),
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
-        return new_state, dict(losses, grad_norm=grad_norm, finite=finite, **sums)
+        return new_state, dict(losses, grad_norm=grad_norm, finite=finite, **{**counts, **sums})
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
 
 
-def make_eval_step(model, tasks: TaskArrays, mesh, kmax: AggregationSizes,
-                   compute_dtype: str | None = None) -> Callable:
-    """(params, constants, batch) -> summed `pretrain_sums` over the global batch."""
-    tasks = TaskArrays(*(jnp.asarray(x) for x in tasks))
+def make_eval_step(objective: Objective, mesh, compute_dtype: str | None = None) -> Callable:
+    """(params, constants, batch) -> the objective's sums over the global batch."""
     dtype = jnp.dtype(compute_dtype) if compute_dtype else None
 
     def device_sums(params, constants, batch):
         p = cast_floats(params, dtype) if dtype is not None else params
 
         def one(b):
-            out = model.apply({"params": p, "constants": constants}, b, kmax, deterministic=True)
-            return pretrain_sums(out.energy, out.forces, b, tasks)
+            return objective.sums(p, constants, b, True, None)
 
-        return jax.lax.psum(_sum_over_microbatches(one, batch), "data")
+        return jax.lax.psum(_sum_over_microbatches(one, batch), MESH_AXIS)
 
-    sharded = jax.shard_map(device_sums, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P(),
+    sharded = jax.shard_map(device_sums, mesh=mesh, in_specs=(P(), P(), P(MESH_AXIS)), out_specs=P(),
                             check_vma=False)
     return jax.jit(sharded, out_shardings=NamedSharding(mesh, P()))
 

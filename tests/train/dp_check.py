@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jmp_jax.data.batch import empty_like
 from jmp_jax.data.pipeline import shard_batches
-from jmp_jax.train.loss import TaskArrays
+from jmp_jax.train import optim
 from jmp_jax.train.pretrain import build_run
 from jmp_jax.train.step import make_train_step, replicate
 from tests.train.common import get_config
@@ -48,11 +48,10 @@ def equivalence(workdir: Path) -> dict:
     assert jax.device_count() == 4
     mesh4 = run.mesh
     mesh1 = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    groups = host_steps(run, run.sampler(), 3, 4)
+    groups = host_steps(run, run.recipe.sampler(), 3, 4)
     groups[-1][-1] = empty_like(groups[-1][-1])  # a device with only padding in the last step
-    kwargs = dict(ema_decay=run.config.train.ema_decay, num_blocks=run.model.config.num_blocks)
-    arrays = TaskArrays.from_specs([t.spec for t in run.tasks])
-    step1 = make_train_step(run.model, arrays, run.optimizer, mesh1, run.shapes.kmax, **kwargs)
+    step1 = make_train_step(run.objective, run.optimizer, mesh1, ema_decay=run.config.train.ema_decay,
+                            gradient_scale=optim.shared_basis_scaling(run.model.config.num_blocks))
     s4, l4 = trajectory(run.train_step, fresh_state(run, mesh4), groups, mesh4)
     s1, l1 = trajectory(step1, fresh_state(run, mesh1), groups, mesh1)
     p4, p1 = jax.device_get(s4.params), jax.device_get(s1.params)
@@ -78,7 +77,7 @@ def equivalence(workdir: Path) -> dict:
 
 def reference(workdir: Path, steps: int) -> dict:
     run = build_run(get_config(), workdir)  # reads the 2-process run's run_shapes.json
-    per_process = [host_steps(run, run.sampler(2, p), steps, 2) for p in range(2)]
+    per_process = [host_steps(run, run.recipe.sampler(2, p), steps, 2) for p in range(2)]
     groups = [per_process[0][i] + per_process[1][i] for i in range(steps)]
     _, losses = trajectory(run.train_step, fresh_state(run, run.mesh), groups, run.mesh)
     return {"losses": losses}

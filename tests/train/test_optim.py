@@ -27,7 +27,7 @@ from jmp_jax.models.config import GemNetOCConfig
 from jmp_jax.models.gemnet_oc import example_batch
 from jmp_jax.models.model import GemNetOCPretrain
 from jmp_jax.train import optim
-from jmp_jax.train.loss import TaskArrays, TaskSpec
+from jmp_jax.train.loss import PretrainObjective, TaskArrays, TaskSpec
 from jmp_jax.train.step import TrainState, make_train_step, replicate
 from tests.train.variables import random_variables
 
@@ -99,6 +99,10 @@ def _host(tree):
     return jax.tree.map(lambda x: np.array(x), tree)
 
 
+def _objective(model, kmax):
+    return PretrainObjective(model, TASKS, kmax, [str(t) for t in range(len(TASKS.energy_std))])
+
+
 def _leaves(tree):
     return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
             for path, v in jax.tree_util.tree_leaves_with_path(tree)}
@@ -113,8 +117,9 @@ def two_steps(tiny):
     cfg, model, batch, kmax, variables = tiny
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     opt = optim.adamw(SCHEDULE)
-    step = make_train_step(model, TASKS, opt, mesh, kmax, ema_decay=DECAY, num_blocks=cfg.num_blocks)
-    record = make_train_step(model, TASKS, _gradient_recorder(), mesh, kmax)
+    step = make_train_step(_objective(model, kmax), opt, mesh, ema_decay=DECAY,
+                           gradient_scale=optim.shared_basis_scaling(cfg.num_blocks))
+    record = make_train_step(_objective(model, kmax), _gradient_recorder(), mesh)
     forces = np.random.default_rng(1).normal(size=(batch.masks["node"].shape[0], 3)) * 3
     batches = [shard_batches([batch], mesh), shard_batches([_labelled(batch, -4.0, forces)], mesh)]
 
@@ -263,7 +268,8 @@ def test_bf16_compute_keeps_float32_master_weights(tiny, two_steps):
     cfg, model, batch, kmax, variables = tiny
     mesh = two_steps["mesh"]
     opt = optim.adamw(SCHEDULE)
-    step = make_train_step(model, TASKS, opt, mesh, kmax, num_blocks=cfg.num_blocks, compute_dtype="bfloat16")
+    step = make_train_step(_objective(model, kmax), opt, mesh, gradient_scale=optim.shared_basis_scaling(cfg.num_blocks),
+                           compute_dtype="bfloat16")
     state, m = step(replicate(TrainState.create(variables, opt, 0), mesh), two_steps["batches"][0])
     assert bool(m["finite"])
     for s in (state, two_steps["states"][1]):

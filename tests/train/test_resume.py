@@ -5,7 +5,6 @@ validation uses the EMA weights."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -14,14 +13,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import Mesh
 
-from jmp_jax.models.model import GemNetOCPretrain
 from jmp_jax.train import pretrain
 from jmp_jax.train.checkpoint import Checkpointer
-from jmp_jax.train.loss import TaskArrays
 from jmp_jax.train.metrics import read_csv
-from jmp_jax.train.step import make_eval_step
 from tests.train.common import get_config, run_main, start_main
 
 pytestmark = pytest.mark.slow
@@ -58,16 +53,8 @@ def _assert_identical(a, b, what: str) -> None:
 
 def _validation(workdir, params, constants) -> dict:
     """`pretrain.evaluate` (what the loop's validation calls) of given weights, with
-    the run's stored shapes and a freshly compiled eval step."""
-    config = get_config(**STEPS)
-    tasks = pretrain.build_tasks(config)
-    shapes = pretrain.RunShapes.from_json(json.loads((workdir / "run_shapes.json").read_text()))
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    model = GemNetOCPretrain(pretrain.model_config(config), num_tasks=len(tasks))
-    eval_step = make_eval_step(model, TaskArrays.from_specs([t.spec for t in tasks]), mesh, shapes.kmax)
-    run = pretrain.Run(config, mesh, tasks, shapes, model, num_steps=8, schedule=None, optimizer=None,
-                       state=None, train_step=None, eval_step=eval_step,
-                       template=pretrain.template_batch(tasks, shapes.budget))
+    the run's stored shapes (`run_shapes.json` in `workdir`) and a freshly compiled eval step."""
+    run = pretrain.build_run(get_config(**STEPS), workdir)
     return pretrain.evaluate(run, params, constants)
 
 
