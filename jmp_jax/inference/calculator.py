@@ -10,7 +10,10 @@ Pre-training models predict in each task head's normalised units; with
 JMP's released pre-training config (jmp_training_spec §1.2; mean 0). Whether the
 released heads used exactly this normalisation is an open question of the spec
 (§9), so treat pre-training-head energies as a diagnostic, not a potential.
-Fine-tuned energy models give energies and conservative forces F = -dE/dx.
+Fine-tuned energy models give energies and conservative forces F = -dE/dx: JMP's
+energy models, models fine-tuned on forces (gradient-force heads; their energy is
+known up to a constant, since training saw forces only) and sum-reduced eV scalar
+models (e.g. QM9 U_0: energy with the per-element references added back).
 Padding follows the bucket policy, so a relaxation or MD run recompiles only when
 a structure's graph sizes cross a bucket boundary.
 """
@@ -50,8 +53,13 @@ class JMPCalculator(Calculator):
             name = names[self.task_index] if self.task_index < len(names) else None
             if denormalize and name in PRETRAIN_NORMALIZATION:
                 self.scale = PRETRAIN_NORMALIZATION[name]
+        elif model.kind == "finetune":
+            if not model.gives_energy:
+                raise ValueError(f"JMPCalculator needs a model that predicts an energy; this fine-tuned model "
+                                 f"predicts {model.target.get('target')!r} with a {model.head['kind']!r} head "
+                                 "(use model.predict)")
         elif model.kind != "energy":
-            raise ValueError(f"JMPCalculator needs a pretrain or energy model, got {model.kind!r}")
+            raise ValueError(f"JMPCalculator needs a pretrain, energy or fine-tuned energy model, got {model.kind!r}")
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

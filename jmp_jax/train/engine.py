@@ -152,6 +152,15 @@ class Recipe:
     def load_state_dict(self, d: dict) -> None:
         pass
 
+    def finished(self, epoch: int) -> bool:
+        """True once the run is complete after `epoch` epochs (epoch-based recipes),
+        or stopped (early stopping): a resumed finished run goes straight to `finish`."""
+        return False
+
+    def progress_total(self) -> int | None:
+        """Expected steps, for the progress bar of runs without a fixed step count."""
+        return None
+
     def start_message(self, run: "Run") -> str:
         return f"jmp_jax {self.name}: {run.num_steps} steps on {jax.device_count()} device(s)"
 
@@ -286,6 +295,7 @@ class Run:
     train_step: Any
     eval_step: Any
     template: Any  # a budget-shaped host batch
+    workdir: Path | None = None
 
     @property
     def config(self):
@@ -326,7 +336,7 @@ def build_run(recipe: Recipe, workdir: Path, mesh: Mesh | None = None) -> Run:
                                  set_hyper=parts.set_hyper)
     eval_step = make_eval_step(parts.objective, mesh, compute_dtype=parts.compute_dtype)
     return Run(recipe, mesh, shapes, parts.model, parts.objective, parts.optimizer, parts.num_steps, state,
-               train_step, eval_step, template)
+               train_step, eval_step, template, Path(workdir))
 
 
 def evaluate_sums(run: Run, params, constants, sources=None):
@@ -393,14 +403,15 @@ def fit(recipe: Recipe, workdir) -> dict:
     if start == 0 and recipe.validate_now(0, False, False):
         last_val, stop = validate(0, 0)
     pending: list = []
-    bar = _progress(primary, start, num_steps)
+    epoch = _completed_epochs(loader.state(), sampler)
+    stop = stop or recipe.finished(epoch)
+    bar = None if stop else _progress(primary, start, num_steps or recipe.progress_total())
     window_start = time.perf_counter()
     skipped_seen = int(state.skipped)
     it = iter(loader)
-    epoch = _completed_epochs(loader.state(), sampler)
     step = start
     try:
-        while not stop and step < num_steps:
+        while not stop and (num_steps is None or step < num_steps):
             try:
                 batch = next(it)
             except StopIteration:
@@ -416,7 +427,7 @@ def fit(recipe: Recipe, workdir) -> dict:
                 done = _completed_epochs(loader.state(), sampler)
                 epoch_done = _any_process(done > epoch)
                 epoch = max(epoch, done)
-            last = step == num_steps
+            last = step == num_steps or recipe.finished(epoch)
             if step % config.train.log_every == 0 or last or epoch_done:
                 _flush_metrics(pending, run, writer, bar, window_start)
                 window_start, pending = time.perf_counter(), []
@@ -435,6 +446,8 @@ def fit(recipe: Recipe, workdir) -> dict:
                         "shapes": run.shapes.to_json(), "config": config.to_json(),
                         "recipe": recipe.state_dict()}
                 ckpt.save(step, state, meta)
+            if last:
+                break
     finally:
         it.close()
         if bar is not None:

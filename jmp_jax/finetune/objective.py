@@ -1,0 +1,133 @@
+"""JMP's fine-tuning losses and metrics as an `Objective` of the shared step
+(jmp_training_spec §2.1, §4).
+
+Per head kind, with y the target label of a structure (already minus its
+per-element reference, in the data unit; host float64 -> float32) and ŷ the
+model's output:
+
+  scalar / spatial_extent   loss = λ · Σ_g |ŷ_g − (y_g − μ)/σ| / #structures   (L1, normalised)
+  classification            loss = Σ_g w[c_g] · CE(ŷ_g, c_g)                   (sum reduction)
+  forces / direct_forces    loss = λ · Σ_a ‖F̂_a − F_a/σ_F‖₂ / #atoms           (per-atom L2, mean
+                                                                               over atoms, not per structure)
+
+so every loss is a sum over structures or atoms divided by a global count (or
+not divided), and padding contributes exactly nothing. Metrics are de-normalised:
+`<target>_mae` / `y_mae` in the target's data unit, `force_mae` component-wise in
+eV/Å over all atoms and components; for classification the per-class correct and
+total counts give accuracy and balanced accuracy (mean per-class recall).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmp_jax.models.model import energy_and_forces
+from jmp_jax.train.loss import _safe_norm
+
+
+class FinetuneObjective:
+    """spec: the resolved `TargetSpec`; kind: the model's head kind (`finetune.model.KINDS`);
+    label: the graph-label key of the target (`target.<name>`), None for force tasks."""
+
+    def __init__(self, model, spec, kind: str, kmax, label: str | None):
+        self.model, self.spec, self.kind, self.kmax, self.label = model, spec, kind, kmax, label
+        self.mean = 0.0 if kind == "spatial_extent" else float(spec.mean)
+        self.std = 1.0 if kind == "spatial_extent" else float(spec.std)
+        self.force_std = float(spec.force_std) if spec.force_std else 1.0
+        self.coef = float(spec.loss_coef)
+        weights = spec.class_weights or (1.0,) * max(spec.num_classes, 1)
+        self.class_weights = np.asarray(weights, np.float32)
+
+    # ------------------------------------------------------------------ forward
+    def predict(self, params, constants, batch, deterministic: bool = True, rng=None):
+        """The head's output in normalised units ([G], [G, C] or (energy [G], forces [N, 3]))."""
+        variables = {"params": params, "constants": constants}
+        rngs = None if rng is None else {"dropout": rng}
+        if self.kind == "forces":
+            return energy_and_forces(self.model, variables, batch, self.kmax, deterministic, rngs=rngs)
+        return self.model.apply(variables, batch, self.kmax, deterministic, rngs=rngs)
+
+    # ------------------------------------------------------------------ Objective
+    def counts(self, batch):
+        return {"structures": jnp.sum(batch.masks["graph"]).astype(jnp.float32),
+                "atoms": jnp.sum(batch.masks["node"]).astype(jnp.float32)}
+
+    def sums(self, params, constants, batch, deterministic, rng):
+        out = self.predict(params, constants, batch, deterministic, rng)
+        graph_mask = batch.masks["graph"]
+        f32 = jnp.float32
+        sums = {"structures": jnp.sum(graph_mask).astype(f32), "atoms": jnp.sum(batch.masks["node"]).astype(f32)}
+        if self.kind in ("forces", "direct_forces"):
+            forces = out[1] if self.kind == "forces" else out
+            return dict(sums, **self._force_sums(forces.astype(f32), batch))
+        y = batch.graphs.globals[self.label].astype(f32)
+        if self.kind == "classification":
+            return dict(sums, **self._class_sums(out.astype(f32), y, graph_mask))
+        pred = out.astype(f32)
+        err = jnp.abs(jnp.where(graph_mask, pred - (y - self.mean) / self.std, 0.0))
+        return dict(sums, loss_sum=self.coef * jnp.sum(err), abs_sum=jnp.sum(err) * self.std)
+
+    def _force_sums(self, forces, batch):
+        node_mask = batch.masks["node"]
+        target = batch.graphs.nodes["forces"].astype(jnp.float32) / self.force_std
+        diff = jnp.where(node_mask[:, None], forces - target, 0.0)
+        per_atom = jnp.where(node_mask, _safe_norm(diff), 0.0)
+        return {"loss_sum": self.coef * jnp.sum(per_atom),
+                "abs_sum": jnp.sum(jnp.abs(diff)) * self.force_std,
+                "components": 3.0 * jnp.sum(node_mask).astype(jnp.float32)}
+
+    def _class_sums(self, logits, y, graph_mask):
+        num_classes = logits.shape[-1]
+        label = jnp.clip(jnp.round(y).astype(jnp.int32), 0, num_classes - 1)
+        logp = jax.nn.log_softmax(jnp.where(graph_mask[:, None], logits, 0.0), axis=-1)
+        nll = -jnp.take_along_axis(logp, label[:, None], axis=1)[:, 0]
+        w = jnp.asarray(self.class_weights)[label]
+        onehot = jax.nn.one_hot(label, num_classes) * graph_mask[:, None]
+        correct = onehot * (jnp.argmax(logits, axis=-1) == label)[:, None]
+        return {"loss_sum": jnp.sum(jnp.where(graph_mask, w * nll, 0.0)),
+                "class_total": jnp.sum(onehot, axis=0), "class_correct": jnp.sum(correct, axis=0)}
+
+    def loss(self, sums, counts):
+        if self.kind == "classification":
+            loss = sums["loss_sum"]
+        elif self.kind in ("forces", "direct_forces"):
+            loss = sums["loss_sum"] / jnp.maximum(counts["atoms"], 1.0)
+        else:
+            loss = sums["loss_sum"] / jnp.maximum(counts["structures"], 1.0)
+        return {"loss": loss}
+
+    # ------------------------------------------------------------------ host metrics
+    def metrics(self, totals) -> dict[str, float]:
+        """Validation / test metrics from summed `sums` (data units; `mae` in the reported unit)."""
+        spec = self.spec
+        n = float(totals["structures"])
+        out = {"structures": n}
+        if self.kind == "classification":
+            total = np.asarray(totals["class_total"], np.float64)
+            correct = np.asarray(totals["class_correct"], np.float64)
+            seen = total > 0
+            out["accuracy"] = float(correct.sum() / max(total.sum(), 1.0))
+            out["balanced_accuracy"] = float(np.mean(correct[seen] / total[seen])) if seen.any() else 0.0
+            out["loss"] = float(totals["loss_sum"]) / max(n, 1.0)
+            return out
+        if self.kind in ("forces", "direct_forces"):
+            mae = float(totals["abs_sum"]) / max(float(totals["components"]), 1.0)
+            out["loss"] = float(totals["loss_sum"]) / max(float(totals["atoms"]), 1.0)
+        else:
+            mae = float(totals["abs_sum"]) / max(n, 1.0)
+            out["loss"] = float(totals["loss_sum"]) / max(n, 1.0)
+        out[spec.metric] = mae
+        out["mae"] = mae * spec.unit_scale
+        return out
+
+    def train_scalars(self, m) -> dict[str, float]:
+        out = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
+        if "abs_sum" in m:
+            denominator = float(m["components"]) if "components" in m else float(m["structures"])
+            out[self.spec.metric] = float(m["abs_sum"]) / max(denominator, 1.0)
+        return out
+
+    def primary(self, metrics: dict) -> float:
+        return float(metrics[self.spec.metric])

@@ -1,0 +1,312 @@
+"""JMP fine-tuning as a recipe of the shared engine: `train_and_evaluate(config, workdir)`.
+
+From a `configs/finetune/<benchmark>.py:<target>[,<size>]` config (resolved to a
+`TargetSpec`, jmp_training_spec §2):
+  * data: the benchmark's train / val / test splits (`finetune.data.load_splits`),
+    one shuffled epoch after another (seed 42); batches hold at most `batch_size`
+    structures and never straddle epochs;
+  * model: backbone + the task's head (`finetune.model`), initialised from
+    `config.init` (`finetune.init`; EMA weights, direct-force branch dropped when
+    unused) or from scratch;
+  * objective: `finetune.objective.FinetuneObjective`;
+  * optimiser: AdamW per LLRD group with element-wise gradient clipping; each
+    group's LR follows JMP's warmup + cosine by step and then ReduceLROnPlateau on
+    the primary validation metric (`finetune.optim`), set on the host every step;
+  * loop: validation at every epoch end; the best params by the primary metric
+    are kept in `WORKDIR/best`; early stopping; a checkpoint every epoch (resume
+    continues the same run: the plateau, early-stopping and best-so-far states
+    are part of the checkpoint).
+At the end the best params are evaluated on the validation and test splits and
+written to `WORKDIR/results.json`; the model is exported to `WORKDIR/model`
+(`jmp_jax.inference.load` opens it; energy tasks work with `JMPCalculator`).
+
+Steps per epoch are fixed once from the packed sample (`run_shapes.json`):
+ceil(train structures / (mean structures per packed batch × batches per step)),
+as JMP's ceil(batches / accumulation); the schedule's step boundaries follow it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jmp_jax.constants import model_preset
+from jmp_jax.data.pipeline import GraphSource, local_batch_count
+from jmp_jax.data.sampling import MixtureSampler
+from jmp_jax.finetune import optim as ft_optim
+from jmp_jax.finetune.config import resolve
+from jmp_jax.finetune.data import load_splits, target_key
+from jmp_jax.finetune.init import read_pretrained, transplant
+from jmp_jax.finetune.model import FinetuneModel, head_kind
+from jmp_jax.finetune.objective import FinetuneObjective
+from jmp_jax.graphs.build import GraphConfig
+from jmp_jax.train import engine, optim
+from jmp_jax.train.checkpoint import Checkpointer
+from jmp_jax.train.engine import Parts, Recipe, Run, RunShapes
+from jmp_jax.train.pretrain import compute_dtype, with_scale_factors
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+
+
+class FinetuneRecipe(Recipe):
+    epoch_aligned = True
+    ema_decay = None  # JMP keeps no EMA while fine-tuning
+
+    def __init__(self, config, log_fn=print):
+        self.config = config
+        self.name = config.name
+        self.spec = resolve(config)
+        if not config.get("init"):
+            raise ValueError("config.init is not set: give --config.init=PATH (a model directory from "
+                             "tools/convert_torch_ckpt.py or a pre-training workdir) or --config.init=scratch")
+        spec = self.spec
+        d = config.data
+        primary = jax.process_index() == 0
+        self.splits = load_splits(spec, d.path, max_train=int(d.max_train), max_val=int(d.max_val),
+                                  max_test=int(d.max_test), seed=int(config.seed),
+                                  log=log_fn if primary else (lambda *_: None))
+        for split in ("train", "val"):
+            if not self.splits[split]:
+                raise ValueError(f"{spec.benchmark} {spec.target}: the {split} split is empty")
+        direct = config.model.get("direct_forces")
+        self.direct_forces = bool(spec.direct_forces if direct is None else direct) if spec.kind == "forces" else False
+        self.kind = head_kind(spec, self.direct_forces)
+        key = target_key(spec)
+        self.label = None if key is None else f"target.{key}"
+        graph = GraphConfig(cutoff=float(spec.cutoff), max_neighbors=int(spec.max_neighbors))
+        common = {"pbc": bool(spec.pbc), "targets": () if key is None else (key,),
+                  "target_references": None if spec.element_reference is None or key is None
+                  else {key: np.asarray(spec.element_reference, np.float64)},
+                  "natoms_max_neighbors": tuple(tuple(x) for x in spec.natoms_max_neighbors)}
+        name = f"{spec.benchmark}/{spec.target}"
+        self.sources = {s: GraphSource(name, self.splits[s], graph, **common) for s in ("train", "val", "test")}
+        self.train_sources = [self.sources["train"]]
+        self.val_sources = [self.sources["val"]]
+        self.max_structures = int(d.batch_size or spec.batch_size)
+        self.schedule = ft_optim.ScheduleConfig(
+            lr=float(config.optim.lr), warmup_epochs=float(config.optim.warmup_epochs),
+            warmup_start=float(config.optim.warmup_start), cosine_epochs=float(config.optim.cosine_epochs),
+            min_lr_factor=float(config.optim.min_lr_factor), max_epochs=int(spec.max_epochs)).shrunk()
+        mode = spec.metric_mode
+        self.plateau = ft_optim.Plateau(factor=float(config.optim.plateau_factor),
+                                        patience=int(spec.plateau_patience), mode=mode)
+        self.early = ft_optim.EarlyStopping(patience=int(spec.early_stop_patience),
+                                            min_delta=float(config.train.early_stop_min_delta), mode=mode,
+                                            min_lr=float(spec.min_lr_stop))
+        self.best = {"value": None, "epoch": None, "step": None}
+        self.steps_per_epoch = 1
+        self.multipliers: dict[str, float] = {}
+        self.stop_reason = None
+
+    # ------------------------------------------------------------------ data
+    @property
+    def structures_per_batch(self) -> int:
+        return self.max_structures
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.spec.max_epochs)
+
+    def sampler(self, num_processes: int | None = None, process_index: int | None = None) -> MixtureSampler:
+        return MixtureSampler((len(self.splits["train"]),), 1.0, int(self.config.seed),
+                              num_processes=jax.process_count() if num_processes is None else num_processes,
+                              process_index=jax.process_index() if process_index is None else process_index)
+
+    # ------------------------------------------------------------------ model and optimiser
+    def model_config(self):
+        extra = {} if self.config.model.get("num_blocks") is None else {"num_blocks": int(self.config.model.num_blocks)}
+        try:
+            return model_preset(self.config.model.preset, direct_forces=self.direct_forces,
+                                regress_forces=self.direct_forces, **extra)
+        except ValueError as e:
+            raise ValueError(f"config.model.preset: {e}") from None
+
+    def build(self, shapes: RunShapes, template) -> Parts:
+        config, spec = self.config, self.spec
+        cfg = self.model_config()
+        model = FinetuneModel(cfg, self.kind, reduction=spec.reduction, num_classes=max(spec.num_classes, 2),
+                              dropout=spec.dropout)
+        variables = jax.jit(model.init, static_argnums=2)(jax.random.key(config.seed), template, shapes.kmax)
+        variables = with_scale_factors(dict(variables), config.model.preset)
+        init = str(config.init)
+        if init != "scratch":
+            source, where = read_pretrained(init)
+            variables, report = transplant(variables, source, where)
+            if jax.process_index() == 0:
+                dropped = report["dropped"]
+                print(f"jmp_jax: initialised the backbone from {where}: {report['copied']} arrays copied"
+                      + (f", {len(dropped)} dropped ({', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''})"
+                         if dropped else ""), flush=True)
+        params = variables["params"]
+        nb = cfg.num_blocks
+        self.multipliers = ft_optim.llrd_multipliers(nb) if config.optim.llrd else {}
+        labels = ft_optim.parameter_labels(params, nb) if config.optim.llrd else jax.tree.map(
+            lambda _: ft_optim.REST, params)
+        groups = [*self.multipliers, ft_optim.REST]
+        optimizer = ft_optim.finetune_optimizer(labels, groups, b1=float(config.optim.b1), b2=float(config.optim.b2),
+                                                eps=float(config.optim.eps),
+                                                weight_decay=float(config.optim.weight_decay),
+                                                clip_value=config.optim.clip_value)
+        batches = local_batch_count(engine.data_mesh(), int(config.data.per_device))
+        per_process = math.ceil(len(self.splits["train"]) / jax.process_count())
+        self.steps_per_epoch = max(1, math.ceil(per_process / (shapes.structures_per_batch * batches)))
+        num_steps = int(config.train.num_steps) or None
+        objective = FinetuneObjective(model, spec, self.kind, shapes.kmax, self.label)
+        return Parts(model, variables, objective, optimizer, num_steps,
+                     gradient_scale=optim.shared_basis_scaling(nb), compute_dtype=compute_dtype(config),
+                     set_hyper=ft_optim.set_learning_rates)
+
+    def learning_rates(self, step: int) -> dict[str, float]:
+        return ft_optim.learning_rates(step, self.steps_per_epoch, self.multipliers, self.schedule,
+                                       plateau=self.plateau)
+
+    def hyper(self, step: int):
+        return {k: np.float32(v) for k, v in self.learning_rates(step).items()}
+
+    def lr_scalars(self, step: int) -> dict[str, float]:
+        lrs = self.learning_rates(step)
+        return {"lr": lrs[ft_optim.REST], **{f"lr/{k}": v for k, v in lrs.items() if k != ft_optim.REST}}
+
+    def progress_total(self) -> int:
+        return self.max_epochs * self.steps_per_epoch
+
+    # ------------------------------------------------------------------ loop hooks
+    def validate_now(self, step: int, epoch_done: bool, last: bool) -> bool:
+        return step > 0 and (epoch_done or last)
+
+    def checkpoint_now(self, step: int, epoch_done: bool, last: bool) -> bool:
+        return epoch_done or last
+
+    def finished(self, epoch: int) -> bool:
+        return epoch >= self.max_epochs or self.stop_reason is not None
+
+    def on_validation(self, run: Run, step: int, epoch: int, metrics: dict, state) -> bool:
+        if not metrics:
+            return False
+        value = run.objective.primary(metrics)
+        better = self.best["value"] is None or (value < self.best["value"] if self.spec.metric_mode == "min"
+                                                 else value > self.best["value"])
+        if better and np.isfinite(value):
+            self.best = {"value": value, "epoch": epoch, "step": step}
+            save_variables(run.workdir / "best", {"params": state.params, "constants": state.constants},
+                           {"epoch": epoch, "step": step, "metrics": metrics})
+        if ft_optim.in_plateau_stage(step, self.steps_per_epoch, self.schedule):
+            self.plateau.update(value)
+        max_lr = max(self.learning_rates(step).values())
+        if self.early.update(value, max_lr):
+            self.stop_reason = self.early.reason
+            if jax.process_index() == 0:
+                print(f"jmp_jax: early stopping at epoch {epoch}: {self.early.reason}", flush=True)
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"plateau": self.plateau.state_dict(), "early": self.early.state_dict(), "best": self.best,
+                "stop_reason": self.stop_reason}
+
+    def load_state_dict(self, d: dict) -> None:
+        if not d:
+            return
+        self.plateau.load_state_dict(d["plateau"])
+        self.early.load_state_dict(d["early"])
+        self.best = dict(d["best"])
+        self.stop_reason = d.get("stop_reason")
+
+    def start_message(self, run: Run) -> str:
+        s = self.spec
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
+        return (f"jmp_jax fine-tuning {s.benchmark}:{s.target} ({self.config.model.preset}, head {self.kind}, "
+                f"metric {s.metric}) from {self.config.init}: {sizes}; up to {self.max_epochs} epochs of "
+                f"{self.steps_per_epoch} steps on {jax.device_count()} device(s), "
+                f"~{run.shapes.structures_per_batch:.1f} structures per batch")
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, run: Run, state, workdir: Path, last_val: dict) -> dict:
+        variables = {"params": state.params, "constants": state.constants}
+        best = None
+        if (workdir / "best").exists():
+            best, best_meta = load_variables(workdir / "best", variables)
+            variables = best
+        val = run.evaluate(variables["params"], variables["constants"], [self.sources["val"]])
+        test = (run.evaluate(variables["params"], variables["constants"], [self.sources["test"]])
+                if len(self.splits["test"]) else {})
+        s = self.spec
+        results = {
+            "benchmark": s.benchmark, "target": s.target, "fold": s.fold, "metric": s.metric, "unit": s.unit,
+            "data_unit": s.data_unit, "preset": self.config.model.preset, "init": str(self.config.init),
+            "head": self.kind, "val": val, "test": test,
+            "best": dict(self.best), "epochs": int(state.step) / max(self.steps_per_epoch, 1),
+            "steps": int(state.step), "stop_reason": self.stop_reason,
+            "checkpoint": "best" if best is not None else "last",
+        }
+        if jax.process_index() == 0:
+            export_model(workdir / "model", self, run, variables)
+            path = workdir / RESULTS
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1, default=float))
+            os.replace(tmp, path)
+            metric = "balanced_accuracy" if s.kind == "classification" else "mae"
+            print(f"jmp_jax: {s.benchmark}:{s.target} test {metric} {test.get(metric, float('nan')):.6g} "
+                  f"{'' if metric != 'mae' else s.unit} (val {val.get(metric, float('nan')):.6g}); "
+                  f"results in {path}, model in {workdir / 'model'}", flush=True)
+        return results
+
+
+# ---------------------------------------------------------------------- variables on disk
+def save_variables(directory: Path, variables, meta: dict) -> None:
+    """Params + constants (+ JSON meta) to `directory`, replacing what was there, atomically."""
+    ckpt = Checkpointer(directory, max_to_keep=1, async_save=False)
+    try:
+        step = int(meta.get("step", 0))
+        host = jax.device_get(variables)
+        ckpt.save(step, host, meta)
+    finally:
+        ckpt.close()
+
+
+def load_variables(directory: Path, like) -> tuple[dict, dict]:
+    ckpt = Checkpointer(directory, max_to_keep=1, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise ValueError(f"{directory}: no complete checkpoint")
+        variables, meta = ckpt.restore(step, like)
+    finally:
+        ckpt.close()
+    return variables, meta
+
+
+def export_model(out: Path, recipe: FinetuneRecipe, run: Run, variables) -> Path:
+    """The fine-tuned model as a model directory (`jmp_jax.inference.load`)."""
+    from jmp_jax.inference.api import write_model_dir
+
+    s = recipe.spec
+    meta = {
+        "kind": "finetune",
+        "config": run.model.config.to_dict(),
+        "head": {"kind": recipe.kind, "reduction": s.reduction, "num_classes": max(s.num_classes, 2),
+                 "dropout": s.dropout},
+        "target": {"benchmark": s.benchmark, "target": s.target, "fold": s.fold, "metric": s.metric,
+                   "unit": s.unit, "unit_scale": s.unit_scale, "data_unit": s.data_unit,
+                   "mean": float(s.mean), "std": float(s.std),
+                   "force_std": None if s.force_std is None else float(s.force_std),
+                   "element_reference": None if s.element_reference is None else list(map(float, s.element_reference))},
+        "graph": {"cutoff": float(s.cutoff), "max_neighbors": int(s.max_neighbors), "pbc": bool(s.pbc),
+                  "natoms_max_neighbors": [list(x) for x in s.natoms_max_neighbors]},
+        "source": f"fine-tuned from {recipe.config.init}",
+    }
+    return write_model_dir(out, jax.device_get(variables), meta)
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Runs (or resumes) fine-tuning; returns the results written to results.json."""
+    return engine.fit(FinetuneRecipe(config), workdir)
+
