@@ -28,6 +28,8 @@ import jax
 import numpy as np
 
 COPIED = ("atom_embedding", "backbone")
+# Backbone parts of JMP's direct-force branch, dropped when the task has no direct forces.
+DIRECT_FORCE_BRANCH = ("out_mlp_F", "seq_forces_", "dense_rbf_F", "scale_rbf_F")
 
 
 def read_pretrained(path) -> tuple[dict, str]:
@@ -102,7 +104,14 @@ def _copy_tree(target, source, prefix: str, where: str):
         raise ValueError(f"init from {where}: the checkpoint lacks {prefix}/{missing[0]}"
                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: it is of another "
                          "size or configuration than config.model.preset")
-    out, copied, dropped = {}, 0, [f"{prefix}/{k}" for k in sorted(set(source) - set(target))]
+    extra = sorted(set(source) - set(target))
+    unexpected = [k for k in extra if not k.startswith(DIRECT_FORCE_BRANCH)]
+    if unexpected:
+        raise ValueError(f"init from {where}: the checkpoint has {prefix}/{unexpected[0]}"
+                         f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}, which this model "
+                         "lacks: it is of another size or configuration than config.model.preset "
+                         "(e.g. more interaction blocks)")
+    out, copied, dropped = {}, 0, [f"{prefix}/{k}" for k in extra]
     for key, value in target.items():
         out[key], c, d = _copy_tree(value, source[key], f"{prefix}/{key}", where)
         copied += c

@@ -27,22 +27,35 @@ from jmp_jax.models.model import energy_and_forces
 from jmp_jax.train.loss import _safe_norm
 
 
+NORMALIZATION = "normalization"  # the constants entry holding the target's normaliser
+
+
+def normalization_constants(spec, kind: str) -> dict[str, np.ndarray]:
+    """The target's normaliser and loss weights as float32 arrays, kept in the model's
+    `constants` (never trained; exported with the model). Being data rather than
+    compile-time constants, targets with the same head and shapes share one program."""
+    weights = spec.class_weights or (1.0,) * max(spec.num_classes, 2)
+    return {
+        "mean": np.float32(0.0 if kind == "spatial_extent" else spec.mean),
+        "std": np.float32(1.0 if kind == "spatial_extent" else spec.std),
+        "force_std": np.float32(spec.force_std if spec.force_std else 1.0),
+        "coef": np.float32(spec.loss_coef),
+        "class_weights": np.asarray(weights, np.float32),
+    }
+
+
 class FinetuneObjective:
     """spec: the resolved `TargetSpec`; kind: the model's head kind (`finetune.model.KINDS`);
-    label: the graph-label key of the target (`target.<name>`), None for force tasks."""
+    label: the graph-label key of the target (`target.<name>`), None for force tasks.
+    The normaliser is read from `constants[NORMALIZATION]` (`normalization_constants`)."""
 
     def __init__(self, model, spec, kind: str, kmax, label: str | None):
         self.model, self.spec, self.kind, self.kmax, self.label = model, spec, kind, kmax, label
-        self.mean = 0.0 if kind == "spatial_extent" else float(spec.mean)
-        self.std = 1.0 if kind == "spatial_extent" else float(spec.std)
-        self.force_std = float(spec.force_std) if spec.force_std else 1.0
-        self.coef = float(spec.loss_coef)
-        weights = spec.class_weights or (1.0,) * max(spec.num_classes, 1)
-        self.class_weights = np.asarray(weights, np.float32)
 
     # ------------------------------------------------------------------ forward
     def predict(self, params, constants, batch, deterministic: bool = True, rng=None):
         """The head's output in normalised units ([G], [G, C] or (energy [G], forces [N, 3]))."""
+        constants = {k: v for k, v in constants.items() if k != NORMALIZATION}
         variables = {"params": params, "constants": constants}
         rngs = None if rng is None else {"dropout": rng}
         if self.kind == "forces":
@@ -55,35 +68,38 @@ class FinetuneObjective:
                 "atoms": jnp.sum(batch.masks["node"]).astype(jnp.float32)}
 
     def sums(self, params, constants, batch, deterministic, rng):
+        norm = constants[NORMALIZATION]
         out = self.predict(params, constants, batch, deterministic, rng)
         graph_mask = batch.masks["graph"]
         f32 = jnp.float32
         sums = {"structures": jnp.sum(graph_mask).astype(f32), "atoms": jnp.sum(batch.masks["node"]).astype(f32)}
         if self.kind in ("forces", "direct_forces"):
             forces = out[1] if self.kind == "forces" else out
-            return dict(sums, **self._force_sums(forces.astype(f32), batch))
+            return dict(sums, **self._force_sums(forces.astype(f32), batch, norm))
         y = batch.graphs.globals[self.label].astype(f32)
         if self.kind == "classification":
-            return dict(sums, **self._class_sums(out.astype(f32), y, graph_mask))
+            return dict(sums, **self._class_sums(out.astype(f32), y, graph_mask, norm))
         pred = out.astype(f32)
-        err = jnp.abs(jnp.where(graph_mask, pred - (y - self.mean) / self.std, 0.0))
-        return dict(sums, loss_sum=self.coef * jnp.sum(err), abs_sum=jnp.sum(err) * self.std)
+        err = jnp.abs(jnp.where(graph_mask, pred - (y - norm["mean"]) / norm["std"], 0.0))
+        return dict(sums, loss_sum=norm["coef"] * jnp.sum(err), abs_sum=jnp.sum(err) * norm["std"])
 
-    def _force_sums(self, forces, batch):
+    @staticmethod
+    def _force_sums(forces, batch, norm):
         node_mask = batch.masks["node"]
-        target = batch.graphs.nodes["forces"].astype(jnp.float32) / self.force_std
+        target = batch.graphs.nodes["forces"].astype(jnp.float32) / norm["force_std"]
         diff = jnp.where(node_mask[:, None], forces - target, 0.0)
         per_atom = jnp.where(node_mask, _safe_norm(diff), 0.0)
-        return {"loss_sum": self.coef * jnp.sum(per_atom),
-                "abs_sum": jnp.sum(jnp.abs(diff)) * self.force_std,
+        return {"loss_sum": norm["coef"] * jnp.sum(per_atom),
+                "abs_sum": jnp.sum(jnp.abs(diff)) * norm["force_std"],
                 "components": 3.0 * jnp.sum(node_mask).astype(jnp.float32)}
 
-    def _class_sums(self, logits, y, graph_mask):
+    @staticmethod
+    def _class_sums(logits, y, graph_mask, norm):
         num_classes = logits.shape[-1]
         label = jnp.clip(jnp.round(y).astype(jnp.int32), 0, num_classes - 1)
         logp = jax.nn.log_softmax(jnp.where(graph_mask[:, None], logits, 0.0), axis=-1)
         nll = -jnp.take_along_axis(logp, label[:, None], axis=1)[:, 0]
-        w = jnp.asarray(self.class_weights)[label]
+        w = norm["class_weights"][label]
         onehot = jax.nn.one_hot(label, num_classes) * graph_mask[:, None]
         correct = onehot * (jnp.argmax(logits, axis=-1) == label)[:, None]
         return {"loss_sum": jnp.sum(jnp.where(graph_mask, w * nll, 0.0)),

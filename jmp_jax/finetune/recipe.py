@@ -44,7 +44,7 @@ from jmp_jax.finetune.config import resolve
 from jmp_jax.finetune.data import load_splits, target_key
 from jmp_jax.finetune.init import read_pretrained, transplant
 from jmp_jax.finetune.model import FinetuneModel, head_kind
-from jmp_jax.finetune.objective import FinetuneObjective
+from jmp_jax.finetune.objective import NORMALIZATION, FinetuneObjective, normalization_constants
 from jmp_jax.graphs.build import GraphConfig
 from jmp_jax.train import engine, optim
 from jmp_jax.train.checkpoint import Checkpointer
@@ -145,6 +145,7 @@ class FinetuneRecipe(Recipe):
                 print(f"jmp_jax: initialised the backbone from {where}: {report['copied']} arrays copied"
                       + (f", {len(dropped)} dropped ({', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''})"
                          if dropped else ""), flush=True)
+        variables["constants"] = {**variables["constants"], NORMALIZATION: normalization_constants(spec, self.kind)}
         params = variables["params"]
         nb = cfg.num_blocks
         self.multipliers = ft_optim.llrd_multipliers(nb) if config.optim.llrd else {}
