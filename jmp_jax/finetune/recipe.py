@@ -190,6 +190,8 @@ class FinetuneRecipe(Recipe):
         return epoch >= self.max_epochs or self.stop_reason is not None
 
     def on_validation(self, run: Run, step: int, epoch: int, metrics: dict, state) -> bool:
+        if jax.process_index() == 0:
+            prune_variables(run.workdir / "best", after=step - 1)  # left by a run killed after this point
         if not metrics:
             return False
         value = run.objective.primary(metrics)
@@ -197,8 +199,9 @@ class FinetuneRecipe(Recipe):
                                                  else value > self.best["value"])
         if better and np.isfinite(value):
             self.best = {"value": value, "epoch": epoch, "step": step}
-            save_variables(run.workdir / "best", {"params": state.params, "constants": state.constants},
-                           {"epoch": epoch, "step": step, "metrics": metrics})
+            if jax.process_index() == 0:
+                save_variables(run.workdir / "best", {"params": state.params, "constants": state.constants},
+                               {"epoch": epoch, "step": step, "metrics": metrics})
         if ft_optim.in_plateau_stage(step, self.steps_per_epoch, self.schedule):
             self.plateau.update(value)
         max_lr = max(self.learning_rates(step).values())
@@ -233,8 +236,8 @@ class FinetuneRecipe(Recipe):
     def finish(self, run: Run, state, workdir: Path, last_val: dict) -> dict:
         variables = {"params": state.params, "constants": state.constants}
         best = None
-        if (workdir / "best").exists():
-            best, best_meta = load_variables(workdir / "best", variables)
+        if self.best["step"] is not None:
+            best, _ = load_variables(workdir / "best", variables, step=int(self.best["step"]))
             variables = best
         val = run.evaluate(variables["params"], variables["constants"], [self.sources["val"]])
         test = (run.evaluate(variables["params"], variables["constants"], [self.sources["test"]])
@@ -262,23 +265,39 @@ class FinetuneRecipe(Recipe):
 
 
 # ---------------------------------------------------------------------- variables on disk
+# The best params of the last few improvements are kept (by step), so the best step a
+# resumed run's checkpoint records is on disk even if the killed run saved newer ones.
+BEST_KEPT = 3
+
+
 def save_variables(directory: Path, variables, meta: dict) -> None:
-    """Params + constants (+ JSON meta) to `directory`, replacing what was there, atomically."""
-    ckpt = Checkpointer(directory, max_to_keep=1, async_save=False)
+    """Params + constants (+ JSON meta) as step `meta["step"]` of `directory`, atomically."""
+    ckpt = Checkpointer(directory, max_to_keep=BEST_KEPT, async_save=False)
     try:
-        step = int(meta.get("step", 0))
-        host = jax.device_get(variables)
-        ckpt.save(step, host, meta)
+        ckpt.save(int(meta.get("step", 0)), jax.device_get(variables), meta)
     finally:
         ckpt.close()
 
 
-def load_variables(directory: Path, like) -> tuple[dict, dict]:
-    ckpt = Checkpointer(directory, max_to_keep=1, async_save=False)
+def prune_variables(directory: Path, after: int) -> None:
+    """Deletes the saved steps > `after` (written by a run killed later than this one's checkpoint)."""
+    if not Path(directory).exists():
+        return
+    ckpt = Checkpointer(directory, max_to_keep=BEST_KEPT, async_save=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise ValueError(f"{directory}: no complete checkpoint")
+        for step in ckpt.manager.all_steps():
+            if step > after:
+                ckpt.manager.delete(step)
+    finally:
+        ckpt.close()
+
+
+def load_variables(directory: Path, like, step: int | None = None) -> tuple[dict, dict]:
+    ckpt = Checkpointer(directory, max_to_keep=BEST_KEPT, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in ckpt.manager.all_steps():
+            raise ValueError(f"{directory}: no complete checkpoint of step {step}")
         variables, meta = ckpt.restore(step, like)
     finally:
         ckpt.close()

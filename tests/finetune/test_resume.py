@@ -1,0 +1,107 @@
+"""A fine-tuning run killed mid-way and restarted continues the same run.
+
+The demo config (`configs/finetune/demo.py`: rMD17 recipe, gradient forces, the
+shipped pre-trained tiny model as init, the embedded ethanol MD store), shrunk to
+3 epochs of 3 steps, through `python -m jmp_jax.main` exactly as a user runs it.
+The killed-and-restarted run must log bit-identical training losses, pick the same
+best epoch, write the same results.json numbers and export the same model as the
+uninterrupted run; the plateau / early-stopping / best state survive the restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jmp_jax.train.metrics import read_csv
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "configs" / "finetune" / "demo.py"
+FAST = {"data.max_train": 24, "data.max_val": 8, "data.max_test": 8, "train.max_epochs": 3,
+        "train.log_every": 1, "data.budget_sample": 24}
+
+
+def _flags(workdir, **overrides):
+    values = {**FAST, **overrides}
+    return [f"--config={DEMO}", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+CACHE: dict = {}
+
+
+def _env():
+    e = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    if CACHE:  # the three runs compile identical programs: compile them once
+        e.update(JAX_COMPILATION_CACHE_DIR=CACHE["dir"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")])
+    return e
+
+
+def _start(workdir, log=None, **overrides):
+    return subprocess.Popen([sys.executable, "-m", "jmp_jax.main", *_flags(workdir, **overrides)], cwd=ROOT,
+                            env=_env(), stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run(workdir, **overrides) -> str:
+    proc = _start(workdir, **overrides)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def _model_arrays(path):
+    tree = ocp.StandardCheckpointer().restore(Path(path).resolve() / "variables")
+    return jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, tree))[0]
+
+
+def test_killed_finetuning_resumes_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(CACHE, "dir", str(tmp_path / "xla_cache"))
+    reference = tmp_path / "reference"
+    out = _run(reference)
+    assert "initialised the backbone from model directory" in out, out[-3000:]
+    expected = dict(read_csv(reference / "logs")["train/loss"])
+    assert sorted(expected) == list(range(1, 10))  # 3 epochs x 3 steps (24 frames, 8 per batch)
+    val = dict(read_csv(reference / "logs")["val/force_mae"])
+    assert sorted(val) == [3, 6, 9]  # validation at every epoch end
+    results = json.loads((reference / "results.json").read_text())
+    assert results["benchmark"] == "rmd17" and results["metric"] == "force_mae" and results["unit"] == "meV/Å"
+    assert results["best"]["value"] == min(val.values())
+    assert results["val"]["force_mae"] == results["best"]["value"]  # the best checkpoint is what gets evaluated
+    assert results["test"]["mae"] == results["test"]["force_mae"] * 1000.0
+
+    workdir = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = _start(workdir, log=log)
+        deadline = time.time() + 600
+        while not (workdir / "checkpoints" / "3").is_dir():  # the end of epoch 1
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "results.json").exists()
+    out = _run(workdir)
+    assert "from the checkpoint of step 3" in out, out[-3000:]
+    after = dict(read_csv(workdir / "logs")["train/loss"])
+    assert [after[s] for s in range(1, 10)] == [expected[s] for s in range(1, 10)]  # bit for bit
+    resumed = json.loads((workdir / "results.json").read_text())
+    for key in ("val", "test", "best", "steps"):
+        assert resumed[key] == results[key], key
+    for (pa, a), (pb, b) in zip(_model_arrays(reference / "model"), _model_arrays(workdir / "model")):
+        assert pa == pb and np.array_equal(a, b), jax.tree_util.keystr(pa)
+
+    # Re-running a finished run does not train again: it re-evaluates and re-exports.
+    again = _run(workdir)
+    assert "validation:" not in again and "test mae" in again, again[-3000:]
+    assert json.loads((workdir / "results.json").read_text())["test"] == results["test"]
