@@ -21,17 +21,15 @@ from pathlib import Path
 import ml_collections
 from ml_collections import config_dict
 
+from jmp_jax.constants import PRETRAIN_NORMALIZATION, PRETRAIN_PERIODIC, PRETRAIN_TASKS
+
 DEMO_DATA = str(Path(__file__).resolve().parents[1] / "jmp_jax" / "data" / "demo")
 
-# (σ_E eV, σ_F eV/Å, λ_F) of JMP's released pre-training config (jmp_training_spec §1.2).
-JMP_NORMALISATION = {
-    "oc20": (24.901469505465872, 0.5111534595489502, 73.0),
-    "oc22": (25.229595396538468, 0.25678861141204834, 80.0),
-    "ani1x": (2.8700712783472118, 2.131422996520996, 15.0),
-    "transition1x": (1.787466168382901, 0.3591422140598297, 14.0),
-}
-TASKS = ("oc20", "oc22", "ani1x", "transition1x")  # head order of the released checkpoints
-PERIODIC = {"oc20": True, "oc22": True, "ani1x": False, "transition1x": False}
+# (σ_E eV, σ_F eV/Å, λ_F) of JMP's released pre-training config (jmp_training_spec §1.2),
+# the head order of the released checkpoints, and each task's periodicity.
+JMP_NORMALISATION = PRETRAIN_NORMALIZATION
+TASKS = PRETRAIN_TASKS
+PERIODIC = PRETRAIN_PERIODIC
 
 
 def _task(name: str, path):

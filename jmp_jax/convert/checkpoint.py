@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from jmp_jax.constants import model_preset
 from jmp_jax.convert.torch_pickle import InertObject, UnsupportedTensor, load_torch_file, to_builtin
 
 __all__ = [
@@ -73,24 +74,12 @@ BACKBONE_HPARAM_FIELDS = (
     "num_output_afteratom", "num_atom_emb_layers", "num_global_out_layers",
 )  # fmt: skip
 
-_JMP_S = dict(
-    num_blocks=4, num_spherical=7, num_radial=128, emb_size_atom=256, emb_size_edge=512,
-    emb_size_trip_in=64, emb_size_trip_out=64, emb_size_quad_in=32, emb_size_quad_out=32,
-    emb_size_aint_in=64, emb_size_aint_out=64, emb_size_rbf=16, emb_size_cbf=16, emb_size_sbf=32,
-    num_before_skip=2, num_after_skip=2, num_concat=1, num_atom=3, num_output_afteratom=3,
-    num_atom_emb_layers=2, num_global_out_layers=2,
-)  # fmt: skip
-# Spec §1.1. "tiny" is the parity-fixture config (shared/parity), every width different.
+# Spec §1.1, from the model presets (jmp_jax.constants): JMP-S = `base()`, JMP-L = `large()`,
+# "tiny" the parity-fixture config (shared/parity), every width different.
 SIZE_PRESETS: dict[str, dict[str, int]] = {
-    "s": _JMP_S,
-    "l": {**_JMP_S, "num_blocks": 6, "emb_size_edge": 1024, "emb_size_trip_out": 128, "emb_size_quad_in": 64,
-          "emb_size_rbf": 32, "emb_size_sbf": 64, "num_concat": 4},
-    "tiny": {**_JMP_S, "num_blocks": 2, "emb_size_atom": 64, "emb_size_edge": 96, "emb_size_trip_in": 16,
-             "emb_size_trip_out": 24, "emb_size_quad_in": 8, "emb_size_quad_out": 12, "emb_size_aint_in": 16,
-             "emb_size_aint_out": 20, "emb_size_rbf": 8, "emb_size_cbf": 10, "emb_size_sbf": 12,
-             "num_before_skip": 1, "num_after_skip": 2, "num_concat": 2, "num_atom": 2,
-             "num_output_afteratom": 2, "num_atom_emb_layers": 1, "num_global_out_layers": 2},
-}  # fmt: skip
+    size: {k: getattr(model_preset(preset), k) for k in BACKBONE_HPARAM_FIELDS}
+    for size, preset in (("s", "jmp_s"), ("l", "jmp_l"), ("tiny", "tiny"))
+}
 
 # A key every GemNet-OC backbone has; its prefix locates the backbone in a state dict.
 _ANCHOR = "bases.edge_emb.dense.linear.weight"

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from jmp_jax.constants import PRETRAIN_TASKS
 from jmp_jax.convert import mapping
 from jmp_jax.convert.checkpoint import CheckpointInfo, load_checkpoint
 from jmp_jax.models.config import GemNetOCConfig
 
 FORMAT = "jmp_jax/converted-v1"
-DEFAULT_TASKS = ("oc20", "oc22", "ani1x", "transition1x")  # released JMP head order (spec §4, §9)
+DEFAULT_TASKS = PRETRAIN_TASKS  # released JMP head order (spec §4, §9)
 
 
 @dataclasses.dataclass

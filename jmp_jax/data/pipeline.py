@@ -205,7 +205,9 @@ def shard_batches(batches: Sequence[GraphBatch], mesh) -> GraphBatch:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    from jmp_jax.constants import MESH_AXIS
+
+    sharding = NamedSharding(mesh, PartitionSpec(MESH_AXIS))
     stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *batches)
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, x), stacked)
 
@@ -353,7 +355,9 @@ class GraphLoader:
     def _device_iter(self):
         from jax.sharding import Mesh
 
-        mesh = self.mesh if self.mesh is not None else Mesh(np.asarray(self.devices), ("data",))
+        from jmp_jax.constants import MESH_AXIS
+
+        mesh = self.mesh if self.mesh is not None else Mesh(np.asarray(self.devices), (MESH_AXIS,))
         n = local_batch_count(mesh, self.per_device)
 
         def place(group):

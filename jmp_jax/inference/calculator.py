@@ -23,16 +23,12 @@ from __future__ import annotations
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
+from jmp_jax.constants import PRETRAIN_NORMALIZATION as _RELEASED
 from jmp_jax.graphs.build import GraphConfig
 from jmp_jax.inference.api import JMPModel
 
 # (energy std eV, force std eV/Å) per task of JMP's released pre-training config.
-PRETRAIN_NORMALIZATION = {
-    "oc20": (24.901469505465872, 0.5111534595489502),
-    "oc22": (25.229595396538468, 0.25678861141204834),
-    "ani1x": (2.8700712783472118, 2.131422996520996),
-    "transition1x": (1.787466168382901, 0.3591422140598297),
-}
+PRETRAIN_NORMALIZATION = {task: (e, f) for task, (e, f, _) in _RELEASED.items()}
 
 
 class JMPCalculator(Calculator):
