@@ -27,8 +27,8 @@ is one override:
   ``--config.model.direct_forces=False`` (B uses gradient forces everywhere)
 * SPICE: ``--config.data.batch_size=1``
 * QMOF: ``--config.head.reduction=sum``
-* MatBench: B never enables the natoms-dependent neighbour count (k = 30 for every
-  structure); there is no flag for that rule, it is A's (`benchmarks.k_for_natoms`).
+* MatBench: ``--config.graph.natoms_max_neighbors=False`` (B never enables the
+  natoms-dependent neighbour count of `benchmarks.k_for_natoms`: k = 30 for every structure)
 
 B's bugs are not reproducible by design: its QM9 primary metric ``y_mae`` and its
 MatBench statistics lookup ``f"{task}_{fold}"`` (which matches no key). JMP's precision
@@ -121,6 +121,8 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         "cutoff": config_dict.placeholder(float),  # Å
         "max_neighbors": config_dict.placeholder(int),  # base k (MatBench/QMOF: 10 / 5 above 200 / 300 atoms)
         "pbc": config_dict.placeholder(bool),
+        # False: no natoms-dependent k (source B's MatBench); None: JMP's rule for the target
+        "natoms_max_neighbors": config_dict.placeholder(bool),
     })
     c.head = ml_collections.ConfigDict({
         "reduction": config_dict.placeholder(str),  # sum | mean | max
@@ -181,6 +183,9 @@ def resolve(config) -> TargetSpec:
         value = config[group].get(field)
         if value is not None:
             changes[spec_field] = value
+    natoms_rule = config.graph.get("natoms_max_neighbors")
+    if natoms_rule is not None and not natoms_rule:
+        changes["natoms_max_neighbors"] = ()  # source B: k = max_neighbors for every structure
     spec = dataclasses.replace(spec, **changes)
     _validate(spec, changes)
     return spec

@@ -205,7 +205,7 @@ GROUPS = {
     "model": {"preset", "compute_dtype", "direct_forces", "num_blocks"},
     "data": {"path", "fold", "max_train", "max_val", "max_test", "batch_size", "eval_batch_size",
              "per_device", "workers", "prefetch", "budget_sample", "budget_headroom"},
-    "graph": {"cutoff", "max_neighbors", "pbc"},
+    "graph": {"cutoff", "max_neighbors", "pbc", "natoms_max_neighbors"},
     "head": {"reduction", "mean", "std", "force_std", "loss_coef", "dropout"},
     "optim": {"lr", "b1", "b2", "eps", "weight_decay", "clip_value", "llrd", "warmup_epochs", "warmup_start",
               "cosine_epochs", "min_lr_factor", "plateau_factor", "plateau_patience"},
@@ -461,3 +461,12 @@ def test_matbench_store_fold_is_checked(raw_benchmark_data, tmp_path):
     assert [len(v) for v in splits.values()] == [14, 2, 4]
     with pytest.raises(ValueError, match=r"jdft2d fold 3: .* ingested with fold=0, this target needs fold=3"):
         load_splits(target_spec("matbench", "jdft2d", fold=3), store, log=_quiet)
+
+
+def test_source_b_natoms_rule_is_one_override_away():
+    from jmp_jax.finetune.config import finetune_config, resolve
+
+    config = finetune_config("matbench", "mp_gap")
+    assert resolve(config).natoms_max_neighbors == ((200, 10), (300, 5))
+    config.graph.natoms_max_neighbors = False
+    assert resolve(config).natoms_max_neighbors == ()
