@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -189,47 +188,63 @@ def test_unknown_target_and_bad_paths_are_clear_errors(raw_benchmark_data, tmp_p
                        log_fn=lambda *_: None)
 
 
-def _tiny_model_dir(tmp_path, variables, config, name="model"):
-    from jmp_jax.inference.api import write_model_dir
+def test_init_from_a_converted_checkpoint_keeps_the_backbone_bit_for_bit(raw_benchmark_data, compile_cache,
+                                                                          tmp_path):
+    """tools/convert_torch_ckpt.py's output of the real PyTorch JMP checkpoint fixture
+    (`tiny_pretrain.ckpt`, EMA weights) as `--config.init`."""
+    from jmp_jax import parity
+    from jmp_jax.convert import converter
 
-    return write_model_dir(tmp_path / name, jax.device_get(variables),
-                           {"kind": "pretrain", "config": config.to_dict(), "task_names": ["a"]})
-
-
-def test_init_copies_the_backbone_bit_for_bit_and_rejects_other_sizes(raw_benchmark_data, compile_cache, tmp_path):
+    ckpt = parity.parity_dir() / "tiny_pretrain.ckpt"
+    if not ckpt.exists():
+        pytest.skip(f"{ckpt} not found (set JMP_JAX_PARITY_DIR)")
+    converted = converter.convert(ckpt)
+    model_dir = converter.save(converted, tmp_path / "jmp-tiny")
     spec = next(s for s in SPECS if s.benchmark == "qm9" and s.target == "U_0")
     path = raw_benchmark_data("qm9", "U_0")
-    # A "pre-trained" source: a 1-block tiny model with direct forces and random weights.
-    from jmp_jax.models.model import GemNetOCPretrain
-
-    _, run0 = build(spec, path, tmp_path / "shapes")
-    cfg = dataclasses.replace(run0.model.config, direct_forces=True, regress_forces=True)
-    pre = GemNetOCPretrain(cfg, num_tasks=1)
-    variables = jax.jit(pre.init, static_argnums=2)(jax.random.key(7), run0.template, run0.shapes.kmax)
-    source = _tiny_model_dir(tmp_path, variables, cfg)
-    recipe, run = build(spec, path, tmp_path / "w", init=str(source))
-    got = jax.device_get(run.state.params)
-    want = jax.device_get(variables["params"])
-    for top in ("atom_embedding", "backbone"):
-        flat_got = dict(jax.tree_util.tree_flatten_with_path(got[top])[0])
-        for key, value in jax.tree_util.tree_flatten_with_path(want[top])[0]:
-            if any(getattr(k, "key", "").startswith(("out_mlp_F", "seq_forces_", "dense_rbf_F", "scale_rbf_F"))
-                   for k in key):
-                assert key not in flat_got  # the direct-force branch is dropped for a scalar task
+    recipe, run = build(spec, path, tmp_path / "w", init=str(model_dir), **{"model.num_blocks": None})
+    got = jax.device_get({"params": run.state.params, "constants": run.state.constants})
+    want = jax.tree.map(np.asarray, converted.variables)
+    compared = 0
+    for collection in ("params", "constants"):
+        for top in ("atom_embedding", "backbone"):
+            if top not in want[collection]:
                 continue
-            assert np.array_equal(flat_got[key], value), jax.tree_util.keystr(key)
-    assert "head" in got and "out_energy_0" not in got  # pre-training heads discarded, new head
-    # A 2-block checkpoint into the 1-block model: a clear error, not a partial load.
-    cfg2 = dataclasses.replace(cfg, num_blocks=2)
-    pre2 = GemNetOCPretrain(cfg2, num_tasks=1)
-    v2 = jax.jit(pre2.init, static_argnums=2)(jax.random.key(7), run0.template, run0.shapes.kmax)
-    other = _tiny_model_dir(tmp_path, v2, cfg2, "model2")
+            flat_got = dict(jax.tree_util.tree_flatten_with_path(got[collection][top])[0])
+            for key, value in jax.tree_util.tree_flatten_with_path(want[collection][top])[0]:
+                names = [getattr(k, "key", "") for k in key]
+                if any(n.startswith(("out_mlp_F", "seq_forces_", "dense_rbf_F", "scale_rbf_F")) for n in names):
+                    assert key not in flat_got  # direct-force branch dropped for a scalar task
+                    continue
+                assert np.array_equal(flat_got[key], value), f"{collection}/{top}{jax.tree_util.keystr(key)}"
+                compared += 1
+    assert compared > 100
+    assert "head" in got["params"] and not any(k.startswith("out_energy") for k in got["params"])
+    assert NORMALIZATION in got["constants"]
+    # The same checkpoint into a 1-block model: a clear error, not a partial load.
     with pytest.raises(ValueError, match="another size"):
-        build(spec, path, tmp_path / "w2", init=str(other))
-    # Other widths (JMP-S-sized embedding into tiny): a shape error naming the parameter.
-    wide = dataclasses.replace(cfg, emb_size_atom=cfg.emb_size_atom * 2)
-    pre3 = GemNetOCPretrain(wide, num_tasks=1)
-    v3 = jax.jit(pre3.init, static_argnums=2)(jax.random.key(7), run0.template, run0.shapes.kmax)
-    third = _tiny_model_dir(tmp_path, v3, wide, "model3")
-    with pytest.raises(ValueError, match="atom_embedding"):
-        build(spec, path, tmp_path / "w3", init=str(third))
+        build(spec, path, tmp_path / "w2", init=str(model_dir))
+
+
+def test_transplant_rejects_other_widths_naming_the_parameter():
+    from jmp_jax.finetune.init import transplant
+
+    fresh = {"params": {"atom_embedding": {"embed": {"embedding": np.zeros((120, 64), np.float32)}},
+                        "backbone": {"out_mlp_E": {"kernel": np.zeros((64, 64), np.float32)}},
+                        "head": {"kernel": np.ones((64, 1), np.float32)}}, "constants": {}}
+    wide = {"params": {"atom_embedding": {"embed": {"embedding": np.ones((120, 256), np.float32)}},
+                       "backbone": {"out_mlp_E": {"kernel": np.ones((256, 256), np.float32)}}}}
+    with pytest.raises(ValueError, match=r"atom_embedding/embed/embedding has shape \(120, 256\)"):
+        transplant(fresh, wide, "jmp-s")
+    same = {"params": {"atom_embedding": {"embed": {"embedding": np.full((120, 64), 2.0, np.float32)}},
+                       "backbone": {"out_mlp_E": {"kernel": np.full((64, 64), 3.0, np.float32)},
+                                    "out_mlp_F": {"kernel": np.ones((3, 3), np.float32)}},
+                       "out_energy_0": {"kernel": np.ones((64, 1), np.float32)}}}
+    out, report = transplant(fresh, same, "ckpt")
+    assert report["copied"] == 2 and report["dropped"] == ["params/backbone/out_mlp_F"]
+    assert np.all(np.asarray(out["params"]["backbone"]["out_mlp_E"]["kernel"]) == 3.0)
+    assert np.all(np.asarray(out["params"]["head"]["kernel"]) == 1.0)  # the new head is kept
+    extra_block = {"params": {**same["params"], "backbone": {**same["params"]["backbone"],
+                                                             "int_blocks_1": {"k": np.ones(2)}}}}
+    with pytest.raises(ValueError, match="int_blocks_1"):
+        transplant(fresh, extra_block, "ckpt")
