@@ -91,6 +91,7 @@ class FinetuneRecipe(Recipe):
         self.train_sources = [self.sources["train"]]
         self.val_sources = [self.sources["val"]]
         self.max_structures = int(d.batch_size or spec.batch_size)
+        self.eval_structures = int(d.eval_batch_size or self.max_structures)
         self.schedule = ft_optim.ScheduleConfig(
             lr=float(config.optim.lr), warmup_epochs=float(config.optim.warmup_epochs),
             warmup_start=float(config.optim.warmup_start), cosine_epochs=float(config.optim.cosine_epochs),

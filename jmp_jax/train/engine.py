@@ -108,6 +108,7 @@ class Recipe:
     ema_decay: float | None = None
     epoch_aligned: bool = False
     max_structures: int | None = None  # cap on structures per packed batch (fine-tuning's batch size)
+    eval_structures: int | None = None  # structures per evaluation batch, if not the training budget's
 
     # -- data
     def sampler(self, num_processes: int | None = None, process_index: int | None = None) -> MixtureSampler:
@@ -296,6 +297,8 @@ class Run:
     eval_step: Any
     template: Any  # a budget-shaped host batch
     workdir: Path | None = None
+    eval_budget: PadSizes | None = None  # evaluation batches' shape (None: the training budget)
+    eval_template: Any = None
 
     @property
     def config(self):
@@ -335,8 +338,21 @@ def build_run(recipe: Recipe, workdir: Path, mesh: Mesh | None = None) -> Run:
                                  gradient_scale=parts.gradient_scale, compute_dtype=parts.compute_dtype,
                                  set_hyper=parts.set_hyper)
     eval_step = make_eval_step(parts.objective, mesh, compute_dtype=parts.compute_dtype)
+    eval_budget = eval_template = None
+    if recipe.eval_structures and recipe.max_structures and recipe.eval_structures != recipe.max_structures:
+        eval_budget = scaled_budget(shapes.budget, recipe.eval_structures / recipe.max_structures,
+                                    recipe.eval_structures)
+        eval_template = template_batch(list(recipe.val_sources) + list(recipe.train_sources), eval_budget)
     return Run(recipe, mesh, shapes, parts.model, parts.objective, parts.optimizer, parts.num_steps, state,
-               train_step, eval_step, template, Path(workdir))
+               train_step, eval_step, template, Path(workdir), eval_budget, eval_template)
+
+
+def scaled_budget(budget: PadSizes, factor: float, structures: int) -> PadSizes:
+    """`budget` with room for `structures` structures: every other dimension grows by
+    `factor` when it is > 1 and never shrinks (each must still hold the largest structure)."""
+    sizes = {d: bucket_size(int(math.ceil(budget[d] * max(factor, 1.0)))) for d in DIMS}
+    sizes["graph"] = int(structures) + 1
+    return PadSizes(sizes)
 
 
 def evaluate_sums(run: Run, params, constants, sources=None):
@@ -346,10 +362,11 @@ def evaluate_sums(run: Run, params, constants, sources=None):
         return None, 0
     sampler = MixtureSampler(tuple(len(t.records) for t in sources), 1.0, 0, shuffle=False,
                              num_processes=jax.process_count(), process_index=jax.process_index())
-    loader = GraphLoader(sources, sampler, run.shapes.budget, epochs=1, kmax=run.shapes.kmax._asdict(),
+    budget = run.eval_budget or run.shapes.budget
+    loader = GraphLoader(sources, sampler, budget, epochs=1, kmax=run.shapes.kmax._asdict(),
                          workers=int(run.recipe.data_config.get("eval_workers", 0) or 0))
     n = local_batch_count(run.mesh, run.per_device)
-    empty = empty_like(run.template)
+    empty = empty_like(run.eval_template if run.eval_template is not None else run.template)
     batches = loader.host_batches()
     totals = None
     while True:

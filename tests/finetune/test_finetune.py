@@ -248,3 +248,19 @@ def test_transplant_rejects_other_widths_naming_the_parameter():
                                                              "int_blocks_1": {"k": np.ones(2)}}}}
     with pytest.raises(ValueError, match="int_blocks_1"):
         transplant(fresh, extra_block, "ckpt")
+
+
+def test_evaluation_batch_size_changes_no_metric(raw_benchmark_data, compile_cache, tmp_path):
+    """`data.eval_batch_size` (e.g. rMD17's ~99k test frames at training batch 1) packs
+    evaluation batches bigger; every metric stays the same."""
+    spec = next(s for s in SPECS if s.benchmark == "qm9" and s.target == "U_0")
+    path = raw_benchmark_data("qm9", "U_0")
+    _, run = build(spec, path, tmp_path / "a", **{"data.max_val": 7})
+    _, big = build(spec, path, tmp_path / "b", **{"data.max_val": 7, "data.eval_batch_size": 7})
+    assert big.eval_budget["graph"] == 8 and run.eval_budget is None
+    assert all(big.eval_budget[d] >= run.shapes.budget[d] for d in big.eval_budget.sizes)
+    params, constants = run.state.params, run.state.constants
+    small_metrics, big_metrics = run.evaluate(params, constants), big.evaluate(params, constants)
+    assert small_metrics["structures"] == big_metrics["structures"] == 7
+    for key, value in small_metrics.items():
+        assert big_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
