@@ -9,8 +9,8 @@ pre-trained model (jmp_jax/data/demo/pretrained_tiny) and once from scratch, and
 computes the trivial baselines on the same splits:
   * U_0: a per-element linear fit (least squares of U_0 on element counts, train split);
   * every other target: the training mean.
-Test MAE is over JMP's 10,000-molecule QM9 test split (seed 42), in the paper's
-units. Prints a Markdown table and writes DIR/qm9_finetune.json.
+Test MAE is over JMP's 10,000-molecule QM9 test split (seed 42; `--max-test` takes a
+deterministic prefix of it), in the paper's units. Prints a Markdown table and writes DIR/qm9_finetune.json.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def baselines(target: str, max_train: int) -> dict:
+def baselines(target: str, max_train: int, max_test: int = 0) -> dict:
     from jmp_jax.finetune.benchmarks import target_spec
     from jmp_jax.finetune.data import load_splits, target_value
 
     spec = target_spec("qm9", target)
-    splits = load_splits(spec, "qm9pack", max_train=max_train, log=lambda *_: None)
+    splits = load_splits(spec, "qm9pack", max_train=max_train, max_test=max_test, log=lambda *_: None)
     y = {k: np.array([target_value(spec, r) for r in v]) for k, v in splits.items()}
     elements = [1, 6, 7, 8, 9]
 
@@ -47,7 +47,8 @@ def baselines(target: str, max_train: int) -> dict:
 def finetune(target: str, init: str, workdir: Path, args) -> dict:
     flags = [f"--config={ROOT / 'configs' / 'finetune' / 'qm9.py'}:{target},tiny", f"--workdir={workdir}",
              f"--config.init={init}", "--config.data.path=qm9pack", f"--config.data.max_train={args.max_train}",
-             f"--config.data.max_val={args.max_val}", f"--config.train.max_epochs={args.epochs}",
+             f"--config.data.max_val={args.max_val}", f"--config.data.max_test={args.max_test}",
+             f"--config.train.max_epochs={args.epochs}",
              f"--config.optim.lr={args.lr}", "--config.train.log_every=100"]
     subprocess.run([sys.executable, "-m", "jmp_jax.main", *flags], cwd=ROOT, check=True)
     return json.loads((workdir / "results.json").read_text())
@@ -59,6 +60,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--max-train", type=int, default=2000)
     ap.add_argument("--max-val", type=int, default=1000)
+    ap.add_argument("--max-test", type=int, default=0, help="a prefix of JMP's 10,000-molecule test split (0 = all)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--out", default="/tmp/qm9_finetune")
     args = ap.parse_args(argv)
@@ -67,7 +69,7 @@ def main(argv=None):
     pretrained = str(ROOT / "jmp_jax" / "data" / "demo" / "pretrained_tiny")
     rows = {}
     for target in args.targets.split(","):
-        row = baselines(target, args.max_train)
+        row = baselines(target, args.max_train, args.max_test)
         for name, init in (("pretrained", pretrained), ("scratch", "scratch")):
             result = finetune(target, init, out / f"{target}_{name}", args)
             row[name] = result["test"]["mae"]
