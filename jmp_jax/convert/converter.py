@@ -13,9 +13,6 @@ reads it back in one call.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,19 +72,10 @@ def _widths(config: GemNetOCConfig) -> dict:
 
 
 def save(converted: Converted, out, source: str | None = None) -> Path:
-    """Writes the model directory atomically (temp dir + rename)."""
-    import orbax.checkpoint as ocp
+    """Writes the model directory atomically (`jmp_jax.inference.api.write_model_dir`)."""
+    from jmp_jax.inference.api import write_model_dir
 
-    out = Path(out).resolve()
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / "variables", _numpy_tree(converted.variables))
-    checkpointer.wait_until_finished()
     meta = {
-        "format": FORMAT,
         "kind": converted.kind,
         "config": converted.config.to_dict(),
         "num_tasks": converted.info.num_tasks if converted.kind == "pretrain" else None,
@@ -97,11 +85,7 @@ def save(converted: Converted, out, source: str | None = None) -> Path:
         "checkpoint_summary": converted.info.summary(),
         "warnings": list(converted.info.warnings),
     }
-    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return write_model_dir(out, _numpy_tree(converted.variables), meta)
 
 
 def _numpy_tree(tree):
