@@ -102,6 +102,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         checkpoint_every=100 if demo else 5000,
         keep_checkpoints=3,
         async_checkpoints=True,
+        shard_params=False,  # FSDP: params, optimiser state and EMA sharded over the devices
     ))
 
     config.eval = ml_collections.ConfigDict(dict(structures_per_batch=0))  # 0 = as in training

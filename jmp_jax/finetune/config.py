@@ -156,6 +156,7 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         "keep_checkpoints": 2,
         "async_checkpoints": True,
         "num_steps": 0,  # 0 = by epochs; > 0 stops after that many steps (smoke tests)
+        "shard_params": False,  # FSDP: params, optimiser state and EMA sharded over the devices
     })
     # Multi-host: left unset on one host (see configs/pretrain.py).
     c.distributed = ml_collections.ConfigDict({

@@ -7,7 +7,8 @@ The engine owns everything a run has in common:
   2. the run's static shapes, fixed once and stored in `WORKDIR/run_shapes.json`:
      one batch budget (`PadSizes`) and one set of aggregation slot counts (kmax),
      sized from a sample of the training stream; a single compiled train step;
-  3. the shared sharded train / eval steps (`jmp_jax.train.step`);
+  3. the shared sharded train / eval steps (`jmp_jax.train.step`), with the state
+     replicated or, with `config.train.shard_params`, FSDP-sharded over the mesh;
   4. the loop: budget-packed batches sharded over the mesh, metrics to
      TensorBoard/CSV (`WORKDIR/logs`) and stdout with a progress bar, validation,
      orbax checkpoints (`WORKDIR/checkpoints`), automatic resume from the latest
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jmp_jax.constants import MESH_AXIS
 from jmp_jax.data.batch import PadSizes, bucket_size, collate, empty_like
@@ -54,7 +55,7 @@ from jmp_jax.graphs.build import DIMS
 from jmp_jax.models.bases import AggregationSizes
 from jmp_jax.train.checkpoint import Checkpointer, gather_process_states
 from jmp_jax.train.metrics import MetricWriter
-from jmp_jax.train.step import TrainState, make_eval_step, make_train_step, replicate
+from jmp_jax.train.step import TrainState, make_eval_step, make_train_step, place, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -292,17 +293,29 @@ class Run:
     objective: Any
     optimizer: Any
     num_steps: int
-    state: TrainState  # freshly initialised, replicated over the mesh
+    state: TrainState  # freshly initialised, replicated over the mesh (or sharded: shard_params)
     train_step: Any
     eval_step: Any
     template: Any  # a budget-shaped host batch
     workdir: Path | None = None
     eval_budget: PadSizes | None = None  # evaluation batches' shape (None: the training budget)
     eval_template: Any = None
+    shard_params: bool = False  # params, optimiser state and EMA sharded over the mesh (FSDP)
+    _gather: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def config(self):
         return self.recipe.config
+
+    def gathered(self, state: TrainState) -> TrainState:
+        """`state` with params and EMA replicated (what recipes' hooks and evaluation
+        read; a collective, so every process calls it). The identity when not sharded."""
+        if not self.shard_params:
+            return state
+        if self._gather is None:
+            replicated = NamedSharding(self.mesh, P())
+            self._gather = jax.jit(lambda t: t, out_shardings=replicated)
+        return state.replace(params=self._gather(state.params), ema=self._gather(state.ema))
 
     @property
     def per_device(self) -> int:
@@ -332,11 +345,15 @@ def build_run(recipe: Recipe, workdir: Path, mesh: Mesh | None = None) -> Run:
     shapes = load_or_estimate_shapes(recipe, workdir)
     template = template_batch(list(recipe.val_sources) + list(recipe.train_sources), shapes.budget)
     parts = recipe.build(shapes, template)
-    state = replicate(TrainState.create(parts.variables, parts.optimizer, int(recipe.config.seed),
-                                        ema=recipe.ema_decay is not None), mesh)
+    initial = TrainState.create(parts.variables, parts.optimizer, int(recipe.config.seed),
+                                ema=recipe.ema_decay is not None)
+    shard_params = bool(recipe.config.train.get("shard_params", False))
+    state_sharding = state_shardings(initial, mesh, shard_params)
+    state = place(initial, state_sharding)
     train_step = make_train_step(parts.objective, parts.optimizer, mesh, ema_decay=recipe.ema_decay,
                                  gradient_scale=parts.gradient_scale, compute_dtype=parts.compute_dtype,
-                                 set_hyper=parts.set_hyper)
+                                 set_hyper=parts.set_hyper,
+                                 state_sharding=state_sharding if shard_params else None)
     eval_step = make_eval_step(parts.objective, mesh, compute_dtype=parts.compute_dtype)
     eval_budget = eval_template = None
     if recipe.eval_structures and recipe.max_structures and recipe.eval_structures != recipe.max_structures:
@@ -344,7 +361,7 @@ def build_run(recipe: Recipe, workdir: Path, mesh: Mesh | None = None) -> Run:
                                     recipe.eval_structures)
         eval_template = template_batch(list(recipe.val_sources) + list(recipe.train_sources), eval_budget)
     return Run(recipe, mesh, shapes, parts.model, parts.objective, parts.optimizer, parts.num_steps, state,
-               train_step, eval_step, template, Path(workdir), eval_budget, eval_template)
+               train_step, eval_step, template, Path(workdir), eval_budget, eval_template, shard_params)
 
 
 def scaled_budget(budget: PadSizes, factor: float, structures: int) -> PadSizes:
@@ -408,12 +425,13 @@ def fit(recipe: Recipe, workdir) -> dict:
         print(recipe.start_message(run), flush=True)
 
     def validate(step: int, epoch: int) -> tuple[dict, bool]:
-        metrics = run.evaluate(recipe.validation_params(state), state.constants)
+        view = run.gathered(state)
+        metrics = run.evaluate(recipe.validation_params(view), view.constants)
         writer.write_scalars(step, {f"val/{k}": v for k, v in metrics.items()})
         if primary:
             print(f"[step {step}] validation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())),
                   flush=True)
-        return metrics, recipe.on_validation(run, step, epoch, metrics, state)
+        return metrics, recipe.on_validation(run, step, epoch, metrics, view)
 
     last_val: dict = {}
     stop = False
@@ -471,7 +489,7 @@ def fit(recipe: Recipe, workdir) -> dict:
             bar.close()
         ckpt.close()
     try:
-        return recipe.finish(run, state, workdir, last_val)
+        return recipe.finish(run, run.gathered(state), workdir, last_val)
     finally:
         writer.close()
 

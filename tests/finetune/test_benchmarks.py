@@ -210,7 +210,7 @@ GROUPS = {
     "optim": {"lr", "b1", "b2", "eps", "weight_decay", "clip_value", "llrd", "warmup_epochs", "warmup_start",
               "cosine_epochs", "min_lr_factor", "plateau_factor", "plateau_patience"},
     "train": {"max_epochs", "early_stop_patience", "early_stop_min_delta", "min_lr_stop", "log_every",
-              "keep_checkpoints", "async_checkpoints", "num_steps"},
+              "keep_checkpoints", "async_checkpoints", "num_steps", "shard_params"},
     "distributed": {"coordinator_address", "num_processes", "process_id", "auto", "cpu_collectives"},
 }  # fmt: skip
 
