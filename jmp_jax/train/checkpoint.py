@@ -2,6 +2,12 @@
 state, step, RNG, skipped count) plus a JSON item with the data-iterator state
 of every process and the run's static shapes.
 
+The state is saved as it lives on the devices, replicated or FSDP-sharded
+(`config.train.shard_params`): each process writes its own shards, and
+`restore(step, like)` places every array with `like`'s sharding, whichever
+placement wrote it. `restore_local` reads any checkpoint onto one device,
+whatever the topology that saved it (tests, tools).
+
 Orbax writes each step into a temporary directory and renames it when complete,
 and `latest_step` lists only finalised steps, so a checkpoint half-written when
 the job died is never restored. Restoring reads array data and JSON only: no
@@ -34,6 +40,17 @@ class Checkpointer:
     def restore(self, step: int, like) -> tuple[object, dict]:
         """(state, meta) of `step`; `like` gives structure, dtypes and shardings."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        restored = self.manager.restore(step, args=args)
+        return restored["state"], restored["meta"]
+
+    def restore_local(self, step: int) -> tuple[dict, dict]:
+        """(state as a dict of arrays on this process's first device, meta) of `step`,
+        without a template: the stored shapes and dtypes, any saving topology."""
+        path = os.path.join(self.directory, str(step), "state")
+        stored = ocp.StandardCheckpointer().metadata(path).item_metadata
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored["state"], restored["meta"]

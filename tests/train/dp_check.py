@@ -6,6 +6,10 @@ equivalence: the same global batches (4 packed batches per step) through the
   (four microbatches on one device); then a step whose labels hold a NaN.
 reference: the global batches a 2-process × 2-device run sees (process p's
   sampler stride, its two packed batches per step), on 4 devices in one process.
+fsdp: the same global batches through the FSDP step (`train.shard_params`: params,
+  optimiser state and EMA sharded over 4 devices) and the replicated step; the
+  placement of the leaves; an orbax round-trip of the sharded state mid-way and
+  the steps after it; the compiled steps' per-device memory.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from jax.sharding import Mesh
 from jmp_jax.data.batch import empty_like
 from jmp_jax.data.pipeline import shard_batches
 from jmp_jax.train import optim
+from jmp_jax.train.checkpoint import Checkpointer
 from jmp_jax.train.pretrain import build_run
-from jmp_jax.train.step import make_train_step, replicate
+from jmp_jax.train.step import make_train_step, place, replicate
 from tests.train.common import get_config
 
 
@@ -75,6 +80,85 @@ def equivalence(workdir: Path) -> dict:
             "all_finite": bool(all(np.isfinite(x).all() for x in jax.tree.leaves(after.params)))}
 
 
+def _max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _placed_as(tree, shardings) -> bool:
+    return all(x.sharding == s for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def _memory(step_fn, state, batch) -> dict:
+    m = step_fn.lower(state, batch).compile().memory_analysis()
+    return {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+            "temp": int(m.temp_size_in_bytes)}
+
+
+def fsdp(workdir: Path) -> dict:
+    run = build_run(get_config(**{"train.shard_params": True}), workdir)
+    assert jax.device_count() == 4 and run.shard_params
+    mesh = run.mesh
+    groups = host_steps(run, run.recipe.sampler(), 4, 4)
+    groups[-1][-1] = empty_like(groups[-1][-1])  # a device with only padding in the last step
+    host = jax.device_get(run.state)
+    shardings = jax.tree.map(lambda x: x.sharding, run.state)
+    replicated_step = make_train_step(run.objective, run.optimizer, mesh,
+                                      ema_decay=run.config.train.ema_decay,
+                                      gradient_scale=optim.shared_basis_scaling(run.model.config.num_blocks))
+
+    # Where the leaves live: the largest params leaf and its Adam moments are split
+    # four ways (each device holds a quarter); scalars stay whole on every device.
+    params = jax.tree_util.tree_flatten_with_path(run.state.params)[0]
+    path, big = max(params, key=lambda kv: kv[1].size)
+    moments = [x for x in jax.tree.leaves(run.state.opt_state) if x.shape == big.shape]
+    ema_big = [x for x in jax.tree.leaves(run.state.ema) if x.shape == big.shape]
+    scalars = [x for x in jax.tree.leaves(run.state.opt_state) if x.ndim == 0] + [run.state.step]
+    leaves = jax.tree.leaves(run.state.params)
+    placement = {
+        "big_leaf": jax.tree_util.keystr(path), "big_shape": list(big.shape),
+        "big_spec": [str(a) for a in big.sharding.spec],
+        "big_shard_shape": list(big.addressable_shards[0].data.shape),
+        "moment_specs": [[str(a) for a in x.sharding.spec] for x in moments],
+        "ema_specs": [[str(a) for a in x.sharding.spec] for x in ema_big],
+        "scalars_replicated": all(x.sharding.is_fully_replicated for x in scalars),
+        "sharded_fraction": sum(x.size for x in leaves if not x.sharding.is_fully_replicated)
+        / sum(x.size for x in leaves),
+    }
+
+    first = shard_batches(groups[0], mesh)
+    memory = {"sharded": _memory(run.train_step, run.state, first),
+              "replicated": _memory(replicated_step, replicate(host, mesh), first)}
+
+    # The FSDP trajectory, with an orbax checkpoint of the sharded state after step 2.
+    state, sharded_losses = trajectory(run.train_step, place(host, shardings), groups[:2], mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(2, state, {"step": 2})
+    ckpt.wait()
+    state, more = trajectory(run.train_step, state, groups[2:], mesh)
+    sharded_losses += more
+    kept_sharded = _placed_as(state, shardings)
+    final = jax.device_get(state)
+
+    restored, _ = ckpt.restore(2, run.state)  # `like`: the sharded initial state
+    ckpt.close()
+    restored_sharded = _placed_as(restored, shardings)
+    resumed, resumed_losses = trajectory(run.train_step, restored, groups[2:], mesh)
+    resumed = jax.device_get(resumed)
+    identical = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(final)))
+
+    ref, replicated_losses = trajectory(replicated_step, replicate(host, mesh), groups, mesh)
+    ref = jax.device_get(ref)
+    scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(ref.params))
+    return {"sharded_losses": sharded_losses, "replicated_losses": replicated_losses,
+            "resumed_losses": resumed_losses, "resumed_identical": identical,
+            "param_diff": _max_diff(final.params, ref.params), "ema_diff": _max_diff(final.ema, ref.ema),
+            "opt_diff": _max_diff(final.opt_state, ref.opt_state), "param_scale": scale,
+            "steps": int(final.step), "kept_sharded": kept_sharded, "restored_sharded": restored_sharded,
+            "placement": placement, "memory": memory,
+            "state_bytes": {k: sum(x.nbytes for x in jax.tree.leaves(getattr(host, k)))
+                            for k in ("params", "opt_state", "ema")}}
+
+
 def reference(workdir: Path, steps: int) -> dict:
     run = build_run(get_config(), workdir)  # reads the 2-process run's run_shapes.json
     per_process = [host_steps(run, run.recipe.sampler(2, p), steps, 2) for p in range(2)]
@@ -85,5 +169,10 @@ def reference(workdir: Path, steps: int) -> dict:
 
 if __name__ == "__main__":
     mode, workdir, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    result = equivalence(workdir) if mode == "equivalence" else reference(workdir, int(sys.argv[4]))
+    if mode == "equivalence":
+        result = equivalence(workdir)
+    elif mode == "fsdp":
+        result = fsdp(workdir)
+    else:
+        result = reference(workdir, int(sys.argv[4]))
     out.write_text(json.dumps(result))
