@@ -154,15 +154,19 @@ class StructureGraphs:
 
 
 def build_edge_sets(structure: Structure, config: GraphConfig,
-                    rng: np.random.Generator | None = None) -> dict[str, EdgeSet]:
+                    rng: np.random.Generator | None = None, *, geometry: bool = True) -> dict[str, EdgeSet]:
     """The four graphs before symmetrisation: {"a2a", "main", "a2ee2a", "qint"},
     each sorted by (target, source, offset). With `config.edge_dropout` > 0 each
     a2a edge is kept with probability 1 − p (drawn from `rng`) before the others
-    are sub-selected."""
+    are sub-selected. `geometry=False` skips what only callers of this function
+    use (unit vectors; float32 distances unless tie_break="jmp" ranks by them);
+    the edges are the same."""
     k = config.neighbors
     n = structure.num_atoms
-    everything = radius_graph(structure, config.cutoff, backend=config.backend)
-    a2a = everything.take(select_max_neighbors(everything, k.a2a, n, config.tie_break))
+    everything = radius_graph(structure, config.cutoff, backend=config.backend, vectors=geometry,
+                              float32=geometry or config.tie_break == "jmp")
+    keep = select_max_neighbors(everything, k.a2a, n, config.tie_break)
+    a2a = everything if keep.all() else everything.take(keep)
     if config.edge_dropout > 0.0:
         if rng is None:
             raise ValueError(f"{describe(structure)}: edge_dropout needs a random generator")
@@ -184,7 +188,7 @@ def build_graphs(structure: Structure, config: GraphConfig,
     """All graphs and interaction indices of one structure (spec §2.5–§2.7);
     `rng` drives the training-time edge dropout (`GraphConfig.edge_dropout`)."""
     try:
-        edge_sets = build_edge_sets(structure, config, rng)
+        edge_sets = build_edge_sets(structure, config, rng, geometry=False)
     except ValueError:
         raise
     except Exception as e:  # a library failure is still this structure's failure

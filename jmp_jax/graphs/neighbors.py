@@ -40,35 +40,50 @@ class EdgeSet:
     distances: [E] float64 Å. vectors: [E, 3] unit vectors source image -> target.
     distances_f32: [E] float32 distances computed as JMP does (float32 positions,
       offsets @ cell in float32), the sort key of tie_break="jmp".
+    vectors / distances_f32 are None where `radius_graph` was asked not to
+    compute them.
     """
 
     senders: np.ndarray
     receivers: np.ndarray
     offsets: np.ndarray
     distances: np.ndarray
-    vectors: np.ndarray
-    distances_f32: np.ndarray
+    vectors: np.ndarray | None
+    distances_f32: np.ndarray | None
 
     def __len__(self) -> int:
         return int(self.senders.shape[0])
 
     def take(self, keep: np.ndarray) -> "EdgeSet":
         """The sub-set selected by an index array or boolean mask (order kept)."""
-        return EdgeSet(*(a[keep] for a in dataclasses.astuple(self)))
+        keep = np.flatnonzero(keep) if keep.dtype == bool else keep
+        # np.take along axis 0 copies the same rows as fancy indexing, several
+        # times faster for the [E, 3] arrays
+        return EdgeSet(*(None if a is None else np.take(a, keep, axis=0) for a in dataclasses.astuple(self)))
 
 
-def radius_graph(structure: Structure, cutoff: float, backend: Backend = "vesin") -> EdgeSet:
-    """All directed edges with distance <= cutoff, sorted by (target, source, offset)."""
+def radius_graph(structure: Structure, cutoff: float, backend: Backend = "vesin", *,
+                 vectors: bool = True, float32: bool = True) -> EdgeSet:
+    """All directed edges with distance <= cutoff, sorted by (target, source, offset).
+
+    `vectors=False` / `float32=False` leave `EdgeSet.vectors` / `distances_f32`
+    as None (`build_graphs` needs neither unless tie_break="jmp", which ranks by
+    the float32 distances); every other field is unaffected.
+    """
     if backend == "vesin":
         s, t, n = _pairs_vesin(structure, cutoff)
     elif backend == "numpy":
         s, t, n = _pairs_numpy(structure, cutoff)
     else:
         raise ValueError(f"unknown neighbour-list backend {backend!r}")
-    vec = structure.positions[t] - structure.positions[s] - n @ structure.cell
+    pos = structure.positions
+    vec = np.take(pos, t, axis=0) - np.take(pos, s, axis=0) - n @ structure.cell
     dist = np.sqrt(np.einsum("ij,ij->i", vec, vec))
     keep = dist <= cutoff
-    s, t, n, vec, dist = s[keep], t[keep], n[keep], vec[keep], dist[keep]
+    if not keep.all():  # vesin searches a hair beyond the cutoff
+        kept = np.flatnonzero(keep)
+        s, t, dist = s[kept], t[kept], dist[kept]
+        n, vec = np.take(n, kept, axis=0), np.take(vec, kept, axis=0)
     if dist.size and dist.min() < MIN_INTERATOMIC_DISTANCE:
         e = int(np.argmin(dist))
         a, b, offset = (int(t[e]), int(s[e]), n[e]) if t[e] <= s[e] else (int(s[e]), int(t[e]), -n[e])
@@ -76,12 +91,15 @@ def radius_graph(structure: Structure, cutoff: float, backend: Backend = "vesin"
             f"{describe(structure)}: atoms {a} and {b} (image of {b} at cell offset "
             f"{offset.tolist()}) are {dist[e]:.3g} Å apart, closer than {MIN_INTERATOMIC_DISTANCE} Å"
         )
-    order = np.lexsort((n[:, 2], n[:, 1], n[:, 0], s, t))
-    s, t, n, vec, dist = s[order], t[order], n[order], vec[order], dist[order]
-    pos32, cell32 = structure.positions.astype(np.float32), structure.cell.astype(np.float32)
-    vec32 = (pos32[s] - pos32[t]) + n.astype(np.float32) @ cell32
-    dist32 = np.sqrt(np.einsum("ij,ij->i", vec32, vec32))
-    return EdgeSet(s, t, n, dist, vec / dist[:, None], dist32)
+    order = sort_by_edge_key(s, t, n, structure.num_atoms)
+    s, t, n, dist = s[order], t[order], np.take(n, order, axis=0), dist[order]
+    unit = np.take(vec, order, axis=0) / dist[:, None] if vectors else None
+    dist32 = None
+    if float32:
+        pos32, cell32 = pos.astype(np.float32), structure.cell.astype(np.float32)
+        vec32 = (np.take(pos32, s, axis=0) - np.take(pos32, t, axis=0)) + n.astype(np.float32) @ cell32
+        dist32 = np.sqrt(np.einsum("ij,ij->i", vec32, vec32))
+    return EdgeSet(s, t, n, dist, unit, dist32)
 
 
 def neighbor_ranks(edges: EdgeSet, tie_break: TieBreak = "stable") -> np.ndarray:
@@ -93,17 +111,78 @@ def neighbor_ranks(edges: EdgeSet, tie_break: TieBreak = "stable") -> np.ndarray
     tie_break="jmp": float32 distances as JMP computes them, ties in edge order
       (which is JMP's row order); `select_max_neighbors` then replays JMP's sort
       on the rows where a tie decides the result.
+
+    Both are a sort by (target, distance, edge position): an `EdgeSet` is sorted
+    by (target, source, offset), so among equidistant edges of one target the
+    edge position *is* the (source, offset) order of the stable rule.
     """
-    n = edges.offsets
     if tie_break == "stable":
-        order = np.lexsort((n[:, 2], n[:, 1], n[:, 0], edges.senders, edges.distances, edges.receivers))
+        values = edges.distances
     elif tie_break == "jmp":
-        order = np.lexsort((edges.distances_f32, edges.receivers))  # lexsort is stable
+        values = edges.distances_f32
     else:
         raise ValueError(f"unknown tie_break {tie_break!r}; use 'stable' or 'jmp'")
-    rank = np.empty(len(edges), dtype=np.int64)
+    size = len(edges)
+    if size == 0:
+        return np.zeros(0, dtype=np.int64)
+    # One int64 key per edge, target * E + (rank of its distance among all E
+    # distances, equal distances sharing a rank), orders like (target, distance);
+    # ties must then go by edge position. This replaces a multi-key lexsort,
+    # several times slower.
+    key = edges.receivers.astype(np.int64) * size + _tied_ranks(values)
+    if (int(edges.receivers.max()) + 1) * size * size < 2**63:
+        # With the edge position appended as a last digit the keys are distinct,
+        # so a plain (SIMD) sort gives the stable order: position = key % E.
+        order = np.sort(key * size + np.arange(size, dtype=np.int64)) % size
+    else:
+        order = np.argsort(key, kind="stable")
+    rank = np.empty(size, dtype=np.int64)
     rank[order] = rank_within_groups(edges.receivers[order])
     return rank
+
+
+def _tied_ranks(values: np.ndarray) -> np.ndarray:
+    """For each value, the number of values strictly smaller (equal values share
+    a rank): an integer key that orders exactly like `values` (no NaN)."""
+    size = values.shape[0]
+    order = np.argsort(values)
+    ordered = values[order]
+    first_of_run = np.empty(size, dtype=bool)
+    first_of_run[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first_of_run[1:])
+    # every slot takes the slot of the first member of its run of equal values
+    run_start = np.maximum.accumulate(np.where(first_of_run, np.arange(size, dtype=np.int64), 0))
+    ranks = np.empty(size, dtype=np.int64)
+    ranks[order] = run_start
+    return ranks
+
+
+def edge_keys(senders, receivers, offsets, num_atoms: int, bound: int) -> np.ndarray | None:
+    """One int64 per edge that orders like (receiver, sender, offset x, y, z).
+
+    The key is the mixed-radix number (receiver, sender, n_x + bound, n_y + bound,
+    n_z + bound) with digits in base (num_atoms, num_atoms, 2 bound + 1, ...), so
+    equal keys mean equal edges. Every offset component must lie in
+    [-bound, bound]. Returns None where the key would not fit in an int64.
+    """
+    radix = 2 * int(bound) + 1
+    if int(num_atoms) ** 2 * radix**3 >= 2**63:
+        return None
+    key = np.asarray(receivers, dtype=np.int64) * num_atoms + senders
+    for axis in range(3):
+        key = key * radix + (offsets[:, axis] + bound)
+    return key
+
+
+def sort_by_edge_key(senders, receivers, offsets, num_atoms: int) -> np.ndarray:
+    """The stable permutation sorting edges by (receiver, sender, offset x, y, z),
+    i.e. `np.lexsort((n_z, n_y, n_x, senders, receivers))`, computed as one
+    argsort of `edge_keys` where the key fits in an int64."""
+    bound = int(np.abs(offsets).max()) if offsets.size else 0
+    key = edge_keys(senders, receivers, offsets, num_atoms, bound)
+    if key is None:
+        return np.lexsort((offsets[:, 2], offsets[:, 1], offsets[:, 0], senders, receivers))
+    return np.argsort(key, kind="stable")
 
 
 def select_max_neighbors(
