@@ -161,6 +161,8 @@ def build_edge_sets(structure: Structure, config: GraphConfig,
     are sub-selected. `geometry=False` skips what only callers of this function
     use (unit vectors; float32 distances unless tie_break="jmp" ranks by them);
     the edges are the same."""
+    if config.tie_break not in ("stable", "jmp"):  # checked here: the ranking may not run at all
+        raise ValueError(f"unknown tie_break {config.tie_break!r}; use 'stable' or 'jmp'")
     k = config.neighbors
     n = structure.num_atoms
     everything = radius_graph(structure, config.cutoff, backend=config.backend, vectors=geometry,
@@ -172,14 +174,17 @@ def build_edge_sets(structure: Structure, config: GraphConfig,
             raise ValueError(f"{describe(structure)}: edge_dropout needs a random generator")
         a2a = a2a.take(rng.random(len(a2a.senders)) >= config.edge_dropout)
     graphs = {"a2a": a2a}
-    ranks = neighbor_ranks(a2a, config.tie_break)  # one ranking serves all three selections
-    for name in ("main", "a2ee2a", "qint"):
-        graphs[name] = a2a.take(select_max_neighbors(a2a, getattr(k, name), n, config.tie_break, ranks))
-    tags = np.asarray(config.qint_tags)
-    touches = np.isin(structure.tags[graphs["qint"].senders], tags) | np.isin(
-        structure.tags[graphs["qint"].receivers], tags
-    )
-    graphs["qint"] = graphs["qint"].take(touches)
+    limits = [getattr(k, name) for name in ("main", "a2ee2a", "qint")]
+    most = int(np.bincount(a2a.receivers, minlength=n).max(initial=0))
+    # one ranking serves all three selections; none is needed if none truncates
+    ranks = neighbor_ranks(a2a, config.tie_break) if any(0 < m < most for m in limits) else None
+    for name, limit in zip(("main", "a2ee2a", "qint"), limits):
+        keep = select_max_neighbors(a2a, limit, n, config.tie_break, ranks)
+        graphs[name] = a2a if keep.all() else a2a.take(keep)
+    qint_atom = np.isin(structure.tags, np.asarray(config.qint_tags))
+    touches = qint_atom[graphs["qint"].senders] | qint_atom[graphs["qint"].receivers]
+    if not touches.all():
+        graphs["qint"] = graphs["qint"].take(touches)
     return graphs
 
 
@@ -202,10 +207,7 @@ def graphs_from_edges(structure: Structure, edge_sets: dict[str, idx.Edges]) -> 
     n = structure.num_atoms
     main, id_swap = idx.symmetrize(edge_sets["main"])
     a2a, a2ee2a, qint = edge_sets["a2a"], edge_sets["a2ee2a"], edge_sets["qint"]
-    e2e = idx.edge_triplets(main, n)
-    a2e = idx.mixed_triplets(main, a2ee2a, n)
-    e2a = idx.mixed_triplets(a2ee2a, main, n)
-    quad = idx.quadruplets(main, qint, n)
+    e2e, a2e, e2a, quad = idx.interaction_indices(main, a2ee2a, qint, n)
     arrays = {
         "positions": structure.positions,
         "atomic_numbers": structure.atomic_numbers,

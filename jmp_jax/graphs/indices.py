@@ -114,8 +114,9 @@ class _ByTarget:
         keys = self._keys(senders, receivers, edges.offsets)
         self._key_order = np.argsort(keys)
         self._sorted_keys = keys[self._key_order]
-        if np.any(self._sorted_keys[1:] == self._sorted_keys[:-1]):
-            e = self._key_order[np.flatnonzero(self._sorted_keys[1:] == self._sorted_keys[:-1])[0]]
+        repeated = np.flatnonzero(self._sorted_keys[1:] == self._sorted_keys[:-1])
+        if repeated.size:
+            e = self._key_order[repeated[0]]
             raise ValueError(f"edge {int(senders[e])} -> {int(receivers[e])} at offset "
                              f"{np.asarray(edges.offsets[e]).tolist()} appears twice; edges must be distinct")
 
@@ -187,24 +188,24 @@ def concat_ranges(start, count, skip=None, positions=None) -> np.ndarray:
     start = np.asarray(start, dtype=np.int64)
     count = np.asarray(count, dtype=np.int64)
     if skip is None:
-        pieces_start, pieces_length, total = start, count, int(count.sum())
+        pieces_start, pieces_length = start, count
     else:
-        # A left-out element splits its range into two pieces, [s, s + k) and
+        # A left-out element k splits its range into two pieces, [s, s + k) and
         # [s + k + 1, s + c); a range without one is the piece [s, s + c)
         # followed by an empty piece.
         skip = np.asarray(skip, dtype=np.int64)
         left_out = skip >= 0
         head = np.where(left_out, skip, count)
-        tail = np.where(left_out, count - skip - 1, 0)
-        pieces_start = np.stack([start, start + head + 1], axis=1).ravel()
-        pieces_length = np.stack([head, tail], axis=1).ravel()
-        total = int(head.sum() + tail.sum())
+        pieces_start = np.empty(2 * start.shape[0], dtype=np.int64)
+        pieces_length = np.empty(2 * start.shape[0], dtype=np.int64)
+        pieces_start[0::2], pieces_start[1::2] = start, start + head + 1
+        pieces_length[0::2], pieces_length[1::2] = head, count - head - left_out
     if positions is None:
-        positions = _positions(total)
+        positions = _positions(int(pieces_length.sum()))
     dtype = np.promote_types(positions.dtype, _index_dtype(int((start + count).max(initial=0))))
     # Value j of the output, in piece p, is pieces_start[p] + (j - first slot of
     # p): one repeat of a per-piece shift, plus j (cheaper than a cumsum of steps).
-    shift = pieces_start - (np.cumsum(pieces_length) - pieces_length)
+    shift = pieces_start + pieces_length - np.cumsum(pieces_length)
     values = np.repeat(shift.astype(dtype), pieces_length)
     values += positions
     return values
@@ -216,15 +217,39 @@ def _positions(total: int) -> np.ndarray:
 
 
 def _ranks(lengths: np.ndarray, positions=None) -> np.ndarray:
-    """0, 1, ..., lengths[i] - 1 for each i, concatenated (the `out_agg` ranks)."""
-    return concat_ranges(np.zeros(lengths.shape[0], dtype=np.int64), lengths, positions=positions)
+    """0, 1, ..., lengths[i] - 1 for each i, concatenated (the `out_agg` ranks);
+    `positions` as in `concat_ranges`."""
+    if positions is None:
+        positions = _positions(int(lengths.sum()))
+    first = np.cumsum(lengths) - lengths
+    ranks = np.repeat((-first).astype(positions.dtype), lengths)
+    ranks += positions
+    return ranks
+
+
+def interaction_indices(main: Edges, a2ee2a: Edges, qint: Edges, num_atoms: int):
+    """(e2e, a2e, e2a, quadruplets) of one structure, with each graph grouped by
+    target once (what `edge_triplets`, `mixed_triplets` and `quadruplets` do one
+    at a time)."""
+    bound = _offset_bound(main, a2ee2a, qint)
+    main_by_target = _ByTarget(main, num_atoms, bound)
+    return (
+        _edge_triplets(main, main_by_target),
+        _mixed_triplets(main, _ByTarget(a2ee2a, num_atoms, bound)),
+        _mixed_triplets(a2ee2a, main_by_target),
+        _quadruplets(main, main_by_target, qint, _ByTarget(qint, num_atoms, bound)),
+    )
 
 
 def edge_triplets(main: Edges, num_atoms: int) -> TripletIndex:
     """e2e triplets b->a->... : for each main edge c->a, every main edge b->a
     except itself (b == c in another image is kept)."""
-    graph = _ByTarget(main, num_atoms, _offset_bound(main))
-    out, in_, _, out_agg = graph.enumerate(main.receivers, np.arange(main.senders.shape[0]), ranks=True)
+    return _edge_triplets(main, _ByTarget(main, num_atoms, _offset_bound(main)))
+
+
+def _edge_triplets(main: Edges, main_by_target: _ByTarget) -> TripletIndex:
+    itself = np.arange(main.senders.shape[0])
+    out, in_, _, out_agg = main_by_target.enumerate(main.receivers, itself, ranks=True)
     return TripletIndex(in_=in_, out=out, out_agg=out_agg)
 
 
@@ -234,17 +259,24 @@ def mixed_triplets(out_edges: Edges, in_edges: Edges, num_atoms: int) -> Triplet
 
     a2e: mixed_triplets(main, a2ee2a); e2a: mixed_triplets(a2ee2a, main).
     """
-    graph = _ByTarget(in_edges, num_atoms, _offset_bound(out_edges, in_edges))
+    return _mixed_triplets(out_edges, _ByTarget(in_edges, num_atoms, _offset_bound(out_edges, in_edges)))
+
+
+def _mixed_triplets(out_edges: Edges, in_by_target: _ByTarget) -> TripletIndex:
     # the left-out in edge is the out edge itself, c -> a at offset n_c, if the in graph has it
-    skip = graph.find(out_edges.senders, out_edges.receivers, out_edges.offsets)
-    out, in_, _, out_agg = graph.enumerate(out_edges.receivers, skip, ranks=True)
+    skip = in_by_target.find(out_edges.senders, out_edges.receivers, out_edges.offsets)
+    out, in_, _, out_agg = in_by_target.enumerate(out_edges.receivers, skip, ranks=True)
     return TripletIndex(in_=in_, out=out, out_agg=out_agg)
 
 
 def quadruplets(main: Edges, qint: Edges, num_atoms: int) -> QuadrupletIndex:
     """Quadruplets d -> b -> a <- c from the (symmetrised) main and qint graphs."""
     bound = _offset_bound(main, qint)
-    main_by_target, qint_by_target = _ByTarget(main, num_atoms, bound), _ByTarget(qint, num_atoms, bound)
+    return _quadruplets(main, _ByTarget(main, num_atoms, bound), qint, _ByTarget(qint, num_atoms, bound))
+
+
+def _quadruplets(main: Edges, main_by_target: _ByTarget, qint: Edges,
+                 qint_by_target: _ByTarget) -> QuadrupletIndex:
     qs, qt, qn = (np.asarray(a, dtype=np.int64) for a in (qint.senders, qint.receivers, qint.offsets))
     ms, mn = np.asarray(main.senders, dtype=np.int64), np.asarray(main.offsets, dtype=np.int64)
 

@@ -169,8 +169,8 @@ def edge_keys(senders, receivers, offsets, num_atoms: int, bound: int) -> np.nda
     if int(num_atoms) ** 2 * radix**3 >= 2**63:
         return None
     key = np.asarray(receivers, dtype=np.int64) * num_atoms + senders
-    for axis in range(3):
-        key = key * radix + (offsets[:, axis] + bound)
+    key *= radix**3
+    key += (offsets + bound) @ np.array([radix**2, radix, 1], dtype=np.int64)
     return key
 
 
