@@ -161,18 +161,21 @@ def collate(
     }
     arrays = {}
     for name, field in FIELDS.items():
-        parts = [s[name] for s in structures]
-        if field.points_to is not None:
-            parts = [p + starts[field.points_to][i] for i, p in enumerate(parts)]
-        value = np.concatenate(parts, axis=0)
-        padded_shape = (pad[field.dim],) + value.shape[1:]
-        if field.points_to is not None:
-            fill = real[field.points_to]  # first padding entry of the target dimension
-        else:
-            fill = _PAD_VALUE.get(name, 0)
         dtype = np.float32 if name in _FLOAT_FIELDS else np.int32
-        out = np.full(padded_shape, fill, dtype=dtype)
-        out[: value.shape[0]] = value
+        out = np.empty((pad[field.dim],) + structures[0][name].shape[1:], dtype=dtype)
+        # each structure's part goes straight into its slice, shifted by the
+        # structure's start in the dimension it points into (one pass, no
+        # concatenated temporaries)
+        end = 0
+        for i, s in enumerate(structures):
+            part = s[name]
+            begin, end = end, end + part.shape[0]
+            if field.points_to is None:
+                out[begin:end] = part
+            else:
+                np.add(part, int(starts[field.points_to][i]), out=out[begin:end], casting="unsafe")
+        # padding: the first padding entry of the target dimension, or the pad value
+        out[end:] = real[field.points_to] if field.points_to is not None else _PAD_VALUE.get(name, 0)
         arrays[name] = out
 
     num_graphs = pad["graph"]
