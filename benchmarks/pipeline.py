@@ -13,16 +13,19 @@ and padding waste. Worker start-up (process spawn) is excluded by a warm-up of
 a few batches.
 
 Device-step mode (--device-step-s S --structures-per-step B): does the pipeline
-keep one device fed? A device consumes B structures every S seconds; the
-pipeline that feeds it is the main process plus the worker processes one host
-gives each of its devices (--workers-per-device, default 2: a 16-core host with
-8 accelerators). The run measures that pipeline (batches packed to about B
-structures) and prints the ratio of the structures/s it delivers to B / S; it
-passes at >= 1.5. That measurement needs workers + 1 free cores, or it is
-pessimistic; so the mode also times the stages on one core each (CPU time per
-structure: worker = graphs + pickling + pipe write, main = pipe read +
-unpickling + collation + device placement) and prints the rate such a host
-would reach, min(W / worker, 1 / main), and its ratio.
+keep a device fed? A device consumes B structures every S seconds; a host gives
+each of its D devices (--devices-per-host, default 8) W worker processes
+(--workers-per-device, default 2: 16 cores, 8 accelerators), and its one main
+process (the loader: pipe reads, packing, collation, device placement) serves
+all D. The run
+  * measures the loader with W workers feeding one device (batches packed to
+    about B structures) and prints the ratio of the structures/s it delivers to
+    B / S, which must be >= 1.5. This needs W + 1 free cores (else it is
+    pessimistic) and leaves the main process to this one device;
+  * times both stages on one core (CPU time per structure: worker = graphs +
+    pickling + pipe write; main = pipe read + unpickling + collation + device
+    placement) and prints the per-device rate of a whole host,
+    min(W / worker, 1 / (D * main)), and its ratio.
 
 --json prints one JSON object (and nothing else on stdout).
 """
@@ -186,6 +189,8 @@ def main():
                         help="device-step mode: structures one device consumes per step")
     parser.add_argument("--workers-per-device", type=int, default=2,
                         help="worker processes a host gives each device (default 2: 16 cores, 8 devices)")
+    parser.add_argument("--devices-per-host", type=int, default=8,
+                        help="devices one main (loader) process serves, for the host estimate")
     parser.add_argument("--json", action="store_true", help="print one JSON object (only that) to stdout")
     args = parser.parse_args()
     step_mode = args.device_step_s is not None or args.structures_per_step is not None
@@ -204,12 +209,12 @@ def main():
     if step_mode:
         consumed = args.structures_per_step / args.device_step_s
         out.update(device_step_s=args.device_step_s, structures_per_step=args.structures_per_step,
-                   workers_per_device=args.workers_per_device, consumed_structures_per_s=consumed,
-                   required_ratio=REQUIRED_RATIO)
+                   workers_per_device=args.workers_per_device, devices_per_host=args.devices_per_host,
+                   consumed_structures_per_s=consumed, required_ratio=REQUIRED_RATIO)
         if verbose:
             print(f"device step: {args.structures_per_step} structures / {args.device_step_s} s = "
-                  f"{consumed:.1f} structures/s consumed; pipeline per device: {args.workers_per_device} "
-                  "workers + main process")
+                  f"{consumed:.1f} structures/s consumed; measured pipeline: {args.workers_per_device} "
+                  "workers + the main process for this one device")
             if cores < args.workers_per_device + 1:
                 print(f"  note: only {cores} cores here for {args.workers_per_device} workers + the main "
                       "process; the measured rate is pessimistic")
@@ -225,7 +230,7 @@ def main():
                    **run(name, records, graph, pbc, w, args.batches, target, devices)}
             if step_mode:
                 costs = stage_costs(name, records, graph, pbc, target, devices[0])
-                row.update(_step_verdict(row, consumed, costs))
+                row.update(_step_verdict(row, consumed, costs, args.devices_per_host))
             out["cases"].append(row)
             if verbose:
                 _print_row(row, step_mode)
@@ -235,13 +240,15 @@ def main():
         print(json.dumps(out))
 
 
-def _step_verdict(row, consumed, stage_costs_s) -> dict:
-    """Measured and estimated delivered / consumed ratios of one device-step run."""
+def _step_verdict(row, consumed, stage_costs_s, devices_per_host) -> dict:
+    """Measured and estimated (whole host, per device) delivered / consumed ratios."""
     worker, main_process = stage_costs_s
-    estimated = min(row["workers"] / worker, 1.0 / main_process)
+    limits = {"workers": row["workers"] / worker, "main_process": 1.0 / (devices_per_host * main_process)}
+    estimated = min(limits.values())
     ratio = row["structures_per_s"] / consumed
     return {"consumed_structures_per_s": consumed, "ratio": ratio, "ok": ratio >= REQUIRED_RATIO,
             "stage_ms_per_structure": {"worker": worker * 1e3, "main": main_process * 1e3},
+            "devices_per_host": devices_per_host, "estimated_limits_per_device": limits,
             "estimated_structures_per_s": estimated, "estimated_ratio": estimated / consumed,
             "estimated_ok": estimated / consumed >= REQUIRED_RATIO}
 
@@ -256,11 +263,13 @@ def _print_row(row, step_mode):
         print(f"  measured: delivered / consumed = {row['structures_per_s']:.1f} / "
               f"{row['consumed_structures_per_s']:.1f} = {row['ratio']:.2f}x "
               f"({verdict[row['ok']]}: needs >= {REQUIRED_RATIO}x)")
-        stage = row["stage_ms_per_structure"]
+        stage, limits = row["stage_ms_per_structure"], row["estimated_limits_per_device"]
         print(f"  stages, CPU ms per structure: worker {stage['worker']:.1f}, "
-              f"main process {stage['main']:.1f} -> with {row['workers']} free worker cores + 1 main core: "
-              f"{row['estimated_structures_per_s']:.1f} structures/s = {row['estimated_ratio']:.2f}x "
-              f"({verdict[row['estimated_ok']]})")
+              f"main process {stage['main']:.2f}")
+        print(f"  host estimate per device ({row['workers']} workers each, one main process for "
+              f"{row['devices_per_host']} devices): workers {limits['workers']:.1f}, main process "
+              f"{limits['main_process']:.1f} -> {row['estimated_structures_per_s']:.1f} structures/s = "
+              f"{row['estimated_ratio']:.2f}x ({verdict[row['estimated_ok']]})")
 
 
 if __name__ == "__main__":
