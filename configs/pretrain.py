@@ -62,6 +62,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         preset="tiny" if demo else arg,  # GemNetOCConfig preset: tiny | jmp_s | jmp_l
         compute_dtype="float32",  # or "bfloat16" (params and optimiser state stay float32)
         num_blocks=config_dict.placeholder(int),  # override the preset's interaction blocks
+        # Activation rematerialisation: "none" | "blocks" (recompute each interaction block
+        # in the backward pass: ~3x less activation memory for ~+25 % FLOPs) | "blocks_dots"
+        remat="blocks" if arg == "jmp_l" else "none",
+        aggregation_chunk=32,  # chunked slot layout of the wide aggregations (0: [rows, Kmax] slots)
     ))
 
     config.task_names = TASKS

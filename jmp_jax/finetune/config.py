@@ -102,6 +102,8 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         "compute_dtype": "float32",  # or "bfloat16" (params and optimiser state stay float32)
         "direct_forces": config_dict.placeholder(bool),  # force tasks: None = JMP's choice per molecule
         "num_blocks": config_dict.placeholder(int),  # override the preset's interaction blocks
+        "remat": "blocks" if size == "jmp_l" else "none",  # see configs/pretrain.py
+        "aggregation_chunk": 32,  # chunked slot layout of the wide aggregations (0: [rows, Kmax] slots)
     })
     c.data = ml_collections.ConfigDict({
         "path": config_dict.placeholder(str),  # raw files, a packed store, or "qm9pack" (finetune.data)

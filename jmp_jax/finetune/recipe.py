@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from jmp_jax.constants import model_preset
+from jmp_jax.models.config import execution_options
 from jmp_jax.data.pipeline import GraphSource, local_batch_count
 from jmp_jax.data.sampling import MixtureSampler
 from jmp_jax.finetune import optim as ft_optim
@@ -126,7 +127,7 @@ class FinetuneRecipe(Recipe):
         extra = {} if self.config.model.get("num_blocks") is None else {"num_blocks": int(self.config.model.num_blocks)}
         try:
             return model_preset(self.config.model.preset, direct_forces=self.direct_forces,
-                                regress_forces=self.direct_forces, **extra)
+                                regress_forces=self.direct_forces, **extra, **execution_options(self.config.model))
         except ValueError as e:
             raise ValueError(f"config.model.preset: {e}") from None
 

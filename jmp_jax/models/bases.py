@@ -39,7 +39,7 @@ import numpy as np
 
 from jmp_jax.data.batch import RANK_FIELDS, bucket_size
 
-from jmp_jax.models.layers import CONSTANTS, Dense, he_orthogonal_torch
+from jmp_jax.models.layers import CONSTANTS, Dense, he_orthogonal_torch, to_compute_dtype
 
 # Real spherical harmonics Y_l^0(z), l = 0..6, as JMP's sympy-generated constants
 # (spec §3.3), applied in float32.
@@ -179,25 +179,72 @@ def aggregation_sizes(batch, bucketed: bool = True) -> AggregationSizes:
 
 @flax.struct.dataclass
 class Slots:
-    """[rows, K] slot layout of an aggregation: `source[r, k]` is the row of the
-    gathered feature array that fills slot (r, k); `valid` marks filled slots."""
+    """[chunks, K] slot layout of an aggregation: `source[c, k]` is the row of the
+    gathered feature array that fills slot (c, k); `valid` marks filled slots."""
 
     source: jax.Array
     valid: jax.Array
 
     def gather(self, x):
-        """x [M, C] -> [rows, K, C], zero on empty slots."""
+        """x [M, C] -> [chunks, K, C], zero on empty slots."""
         return jnp.where(self.valid[..., None], x[self.source], jnp.zeros((), x.dtype))
 
 
-def make_slots(out, rank, mask, num_rows: int, kmax: int):
-    """Entry id per slot: slot (out[i], rank[i]) holds entry i. Padding entries and
-    ranks >= kmax are dropped. Returns (entry [rows, K], valid [rows, K])."""
-    rank = jnp.where(mask, rank, kmax)  # out of bounds -> dropped
+@flax.struct.dataclass
+class SlotLayout:
+    """Where every entry of an aggregation sits: `entry[c, k]` (the entry id of slot
+    (c, k)), `valid`, and `rows[c]`, the receiving row of chunk c (None when chunk c
+    is row c, the [rows, Kmax] layout)."""
+
+    entry: jax.Array
+    valid: jax.Array
+    rows: jax.Array | None
+    num_rows: int = flax.struct.field(pytree_node=False)
+
+
+def chunk_width(num_rows: int, kmax: int, num_entries: int, chunk: int | None) -> int | None:
+    """The chunk width K to use for an aggregation, or None for the [rows, Kmax] layout.
+
+    [rows, Kmax] slots waste memory and FLOPs when a few rows have many more entries
+    than the mean (quadruplets: Kmax ~ 6x the mean per main edge on OC20 slabs). In
+    the chunked layout each row's entries fill ceil(n_r / K) chunks of K slots, so
+    at most num_entries / K + num_rows chunks exist (a static bound from the padded
+    shapes alone). Chunking is used when that bound is well below rows x Kmax."""
+    if not chunk or chunk >= kmax:
+        return None
+    bound = num_chunks(num_rows, kmax, num_entries, chunk) * chunk
+    return chunk if bound < 0.75 * num_rows * kmax else None
+
+
+def num_chunks(num_rows: int, kmax: int, num_entries: int, chunk: int) -> int:
+    return min(num_rows * -(-kmax // chunk), -(-num_entries // chunk) + num_rows)
+
+
+def make_slots(out, rank, mask, num_rows: int, kmax: int, chunk: int | None = None) -> SlotLayout:
+    """Entry id per slot. [rows, Kmax] layout (chunk None): slot (out[i], rank[i]) holds
+    entry i. Chunked layout: row r owns chunks start[r] .. start[r] + ceil(m_r / K) − 1
+    (m_r = 1 + its largest kept rank), in row order, and entry i sits in chunk
+    start[out[i]] + rank[i] // K at position rank[i] % K; unused chunks at the end
+    belong to the last row and stay empty. Padding entries (and ranks >= kmax) are
+    dropped."""
     n = out.shape[0]
-    entry = jnp.zeros((num_rows, kmax), jnp.int32).at[out, rank].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
-    valid = jnp.zeros((num_rows, kmax), bool).at[out, rank].set(True, mode="drop")
-    return entry, valid
+    keep = mask & (rank < kmax)
+    ids = jnp.arange(n, dtype=jnp.int32)
+    if chunk is None:
+        rank = jnp.where(keep, rank, kmax)  # out of bounds -> dropped
+        entry = jnp.zeros((num_rows, kmax), jnp.int32).at[out, rank].set(ids, mode="drop")
+        valid = jnp.zeros((num_rows, kmax), bool).at[out, rank].set(True, mode="drop")
+        return SlotLayout(entry, valid, None, num_rows)
+    count = num_chunks(num_rows, kmax, n, chunk)
+    used = jax.ops.segment_max(jnp.where(keep, rank + 1, 0), out, num_segments=num_rows)  # -> m_r
+    per_row = (jnp.maximum(used, 0) + chunk - 1) // chunk
+    start = jnp.cumsum(per_row) - per_row
+    c = jnp.where(keep, start[out] + rank // chunk, count)  # out of bounds -> dropped
+    p = rank % chunk
+    entry = jnp.zeros((count, chunk), jnp.int32).at[c, p].set(ids, mode="drop")
+    valid = jnp.zeros((count, chunk), bool).at[c, p].set(True, mode="drop")
+    rows = jnp.full((count,), num_rows - 1, jnp.int32).at[c].set(out.astype(jnp.int32), mode="drop")
+    return SlotLayout(entry, valid, rows, num_rows)
 
 
 class BasisEmbedding(nn.Module):
@@ -217,19 +264,26 @@ class BasisEmbedding(nn.Module):
             return he_orthogonal_torch(key, torch_shape, dtype).reshape(shape)
 
         w = self.param("weight", init, (self.num_radial, self.features, self.num_spherical))
-        return jnp.einsum("er,ris->eis", rad, w)
+        return jnp.einsum("er,ris->eis", to_compute_dtype(rad, w.dtype), w)
 
 
-class AggregationBasis(NamedTuple):
-    """Per-forward basis of one aggregation: AY [rows, I, K] and the slot layout whose
-    `source` indexes the feature array each block gathers from."""
+@flax.struct.dataclass
+class AggregationBasis:
+    """Per-forward basis of one aggregation: AY [chunks, I, K], the slot layout whose
+    `source` indexes the feature array each block gathers from, and (chunked
+    layout) the receiving row of each chunk."""
 
     ay: jax.Array
     slots: Slots
+    rows: jax.Array | None = None
+    num_rows: int = flax.struct.field(pytree_node=False, default=0)
 
     def aggregate(self, x):
         """x [M, C] features of the slot sources -> Z [rows, I, C]."""
-        return jnp.einsum("rik,rkc->ric", self.ay, self.slots.gather(x))
+        z = jnp.einsum("rik,rkc->ric", to_compute_dtype(self.ay, x.dtype), self.slots.gather(x))
+        if self.rows is None:
+            return z
+        return jax.ops.segment_sum(z, self.rows, num_segments=self.num_rows, indices_are_sorted=True)
 
 
 class Bases(NamedTuple):
@@ -292,13 +346,17 @@ class GemNetOCBases(nn.Module):
         def basis_embedding(name, s, features):
             return BasisEmbedding(num_radial, s, features, name=name)
 
-        def aggregation(a, y, out, rank, mask_name, num_rows, k, source_of_entry, mask=None):
+        def layout(out, rank, mask, num_rows, k):
+            chunk = chunk_width(num_rows, k, out.shape[0], cfg.aggregation_chunk)
+            return make_slots(out, rank, mask, num_rows, k, chunk)
+
+        def aggregation(a, y, out, rank, mask_name, num_rows, k, source_of_entry):
             """AY = A · Ypad for entries (out, rank) with basis values y [T, S']."""
-            mask = masks[mask_name] if mask is None else mask
-            entry, valid = make_slots(out, rank, mask, num_rows, k)
-            ypad = jnp.where(valid[..., None], y[entry], jnp.zeros((), y.dtype))  # [rows, K, S']
-            ay = jnp.einsum("ris,rks->rik", a, ypad)
-            return AggregationBasis(ay, Slots(source_of_entry[entry], valid))
+            lay = layout(out, rank, masks[mask_name], num_rows, k)
+            ypad = jnp.where(lay.valid[..., None], y[lay.entry], jnp.zeros((), y.dtype))  # [chunks, K, S']
+            a = a if lay.rows is None else a[lay.rows]  # [chunks, I, S']
+            ay = jnp.einsum("ris,rks->rik", a, to_compute_dtype(ypad, a.dtype))
+            return AggregationBasis(ay, Slots(source_of_entry[lay.entry], lay.valid), lay.rows, num_rows)
 
         # --- edge -> edge triplets (cbf_basis_tint on main distances)
         y = spherical_harmonics_m0(clamped_cosine(main.unit[ix["e2e_out"]], main.unit[ix["e2e_in"]]))
@@ -339,17 +397,20 @@ class GemNetOCBases(nn.Module):
             a, ysph, ix["quad_out"], ix["quad_out_agg"], "quad", num_main, kmax.quad, ix["quad_trip_in"]
         )
         a_q = basis_embedding("mlp_cbf_qint", S, cbf)(r_q)  # [E_q, cbf, 7]
-        quad_cir = jnp.einsum("tis,ts->ti", a_q[ix["qtrip_in_out"]], spherical_harmonics_m0(cos_abd))
+        y_abd = to_compute_dtype(spherical_harmonics_m0(cos_abd), a_q.dtype)
+        quad_cir = jnp.einsum("tis,ts->ti", a_q[ix["qtrip_in_out"]], y_abd)
 
         # --- atom <-> atom (a2a edges onto their targets), with training-time edge dropout
-        w_aa = jnp.dot(r_aa, self.param("mlp_rbf_aint", _aint_init, (num_radial, rbf)))  # [E_aa, rbf]
+        w_aint = self.param("mlp_rbf_aint", _aint_init, (num_radial, rbf))
+        w_aa = jnp.dot(to_compute_dtype(r_aa, w_aint.dtype), w_aint)  # [E_aa, rbf]
         aa_mask = masks["a2a"]
         if not deterministic and cfg.edge_dropout and not cfg.edge_dropout_on_host:
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.edge_dropout, aa_mask.shape)
             aa_mask = aa_mask & keep
-        entry, valid = make_slots(ix["a2a_receivers"], ix["a2a_target_rank"], aa_mask, num_atoms, kmax.a2a)
-        wpad = jnp.where(valid[..., None], w_aa[entry], jnp.zeros((), w_aa.dtype))  # [N, K, rbf]
-        a2a = AggregationBasis(jnp.swapaxes(wpad, 1, 2), Slots(ix["a2a_senders"][entry], valid))
+        lay = layout(ix["a2a_receivers"], ix["a2a_target_rank"], aa_mask, num_atoms, kmax.a2a)
+        wpad = jnp.where(lay.valid[..., None], w_aa[lay.entry], jnp.zeros((), w_aa.dtype))  # [chunks, K, rbf]
+        a2a = AggregationBasis(jnp.swapaxes(wpad, 1, 2), Slots(ix["a2a_senders"][lay.entry], lay.valid),
+                               lay.rows, num_atoms)
 
         bases = Bases(
             main=main,

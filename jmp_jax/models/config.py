@@ -13,6 +13,9 @@ import json
 from typing import Any, Mapping
 
 
+REMAT_POLICIES = ("none", "blocks", "blocks_dots")
+
+
 @dataclasses.dataclass(frozen=True)
 class GemNetOCConfig:
     num_blocks: int = 4
@@ -56,6 +59,17 @@ class GemNetOCConfig:
     # (and breaks exact rotation invariance). True sets those cross products to 0
     # (dihedral π/2, what exact arithmetic gives in JMP's formula). False = JMP parity.
     robust_dihedrals: bool = False
+    # Not in JMP; execution only (no effect on parameters or results beyond float
+    # summation order). Chunk width of the chunked slot layout of the triplet /
+    # quadruplet / a2a aggregations (`bases.chunk_width`); None or 0: always
+    # [rows, Kmax] slots.
+    aggregation_chunk: int | None = 32
+    # Rematerialisation (activation checkpointing) of the backward pass: "none";
+    # "blocks": each interaction block's activations are recomputed in the backward
+    # pass from its inputs (jax.checkpoint), saving only block inputs and the shared
+    # bases; "blocks_dots": as "blocks", but keeping matmul outputs without a batch
+    # dimension (less recomputation, more memory).
+    remat: str = "none"
 
     def __post_init__(self):
         if self.num_spherical != 7:
@@ -64,6 +78,10 @@ class GemNetOCConfig:
             raise ValueError("JMP's backbone needs regress_forces == direct_forces")
         if self.edge_dropout is not None and not 0.0 <= self.edge_dropout < 1.0:
             raise ValueError(f"edge_dropout must be in [0, 1), got {self.edge_dropout}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.aggregation_chunk is not None and self.aggregation_chunk < 0:
+            raise ValueError(f"aggregation_chunk must be None or >= 0, got {self.aggregation_chunk}")
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -159,6 +177,18 @@ class GemNetOCConfig:
         if hp.get("dropout"):
             raise ValueError("backbone dropout is not implemented (JMP never sets it)")
         names = {f.name for f in dataclasses.fields(cls)} - {"envelope_exponent", "robust_dihedrals",
-                                                             "edge_dropout_on_host"}
+                                                             "edge_dropout_on_host", "aggregation_chunk",
+                                                             "remat"}
         values = {k: hp[k] for k in names if k in hp}
         return cls(**values)
+
+
+def execution_options(model_config) -> dict[str, Any]:
+    """The execution-only GemNetOCConfig fields (remat, aggregation_chunk) of a run
+    config's `model` section, for `constants.model_preset(..., **options)`."""
+    options = {}
+    if model_config.get("remat") is not None:
+        options["remat"] = str(model_config.remat)
+    if model_config.get("aggregation_chunk") is not None:
+        options["aggregation_chunk"] = int(model_config.aggregation_chunk)
+    return options

@@ -58,12 +58,16 @@ class GemNetOCBackbone(nn.Module):
             return OutputBlock(cfg, name=f"out_blocks_{j}")(h, m, bases.rad_out, g.receivers, mask, boost)
 
         x_e, x_f = output(0, h, m)
-        xs_e, xs_f = [x_e], [x_f]
-        for i in range(cfg.num_blocks):
-            h, m = InteractionBlock(cfg, name=f"int_blocks_{i}")(h, m, bases, batch)
-            x_e, x_f = output(i + 1, h, m)
-            xs_e.append(x_e)
-            xs_f.append(x_f)
+        if cfg.remat != "none" and not self.is_initializing():
+            more_e, more_f = self.rematerialised_blocks(h, m, bases, batch, boost)
+            xs_e, xs_f = [x_e, *more_e], ([x_f, *more_f] if x_f is not None else [None])
+        else:
+            xs_e, xs_f = [x_e], [x_f]
+            for i in range(cfg.num_blocks):
+                h, m = InteractionBlock(cfg, name=f"int_blocks_{i}")(h, m, bases, batch)
+                x_e, x_f = output(i + 1, h, m)
+                xs_e.append(x_e)
+                xs_f.append(x_f)
 
         energy = FinalMLP(cfg.emb_size_atom, cfg.num_global_out_layers, name="out_mlp_E")(
             jnp.concatenate(xs_e, axis=-1)
@@ -74,6 +78,40 @@ class GemNetOCBackbone(nn.Module):
                 jnp.concatenate(xs_f, axis=-1)
             )
         return BackboneOutput(energy, forces, bases.main.unit, bases.main.distance)
+
+    def rematerialised_blocks(self, h, m, bases, batch, boost):
+        """Interaction block i + output block i + 1 for every i, as one `lax.scan` over
+        the blocks' stacked variables with the body under `jax.checkpoint`
+        (`GemNetOCConfig.remat`): the backward pass keeps only each block's inputs
+        (h, m) and recomputes one block at a time, and the block body compiles once.
+        The variables stay the per-block ones (`int_blocks_{i}`, `out_blocks_{i+1}`);
+        they are stacked here on the fly. Returns the per-block output-block results
+        ([num_blocks] lists of x_e and x_f)."""
+        cfg = self.config
+        g = batch.graphs
+        variables = self.variables
+
+        def block_vars(name):
+            return {col: tree[name] for col, tree in variables.items() if name in tree}
+
+        stacked = jax.tree.map(
+            lambda *xs: jnp.stack(xs),
+            *[(block_vars(f"int_blocks_{i}"), block_vars(f"out_blocks_{i + 1}")) for i in range(cfg.num_blocks)],
+        )
+        interaction, output = InteractionBlock(cfg, parent=None), OutputBlock(cfg, parent=None)
+
+        def body(carry, block):
+            int_vars, out_vars = block
+            h, m = interaction.apply(int_vars, *carry, bases, batch)
+            x_e, x_f = output.apply(out_vars, h, m, bases.rad_out, g.receivers, batch.masks["main"], boost)
+            return (h, m), (x_e, x_f)
+
+        saveable = {"blocks": jax.checkpoint_policies.nothing_saveable,
+                    "blocks_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
+        body = jax.checkpoint(body, policy=saveable, prevent_cse=False)  # scan already keeps blocks apart
+        _, (xs_e, xs_f) = jax.lax.scan(body, (h, m), stacked)
+        split = lambda xs: None if xs is None else list(xs)  # noqa: E731
+        return split(xs_e), split(xs_f)
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,6 +21,15 @@ SCALED_SILU_FACTOR = 1.0 / 0.6
 CONSTANTS = "constants"
 
 
+def to_compute_dtype(x, dtype):
+    """Mixed precision: a matmul operand meets low-precision (bf16) parameters in
+    their dtype, so the product runs in bf16 (tensor cores) rather than being
+    promoted to float32; with float32 parameters x is returned unchanged."""
+    if jnp.finfo(dtype).bits < 32 and x.dtype != dtype:
+        return x.astype(dtype)
+    return x
+
+
 def scaled_silu(x):
     return jax.nn.silu(x) * SCALED_SILU_FACTOR
 
@@ -60,9 +69,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", he_orthogonal_kernel, (x.shape[-1], self.features))
-        if jnp.finfo(kernel.dtype).bits < 32:  # mixed precision: bf16 params -> bf16 matmul
-            x = x.astype(kernel.dtype)
-        y = jnp.dot(x, kernel)
+        y = jnp.dot(to_compute_dtype(x, kernel.dtype), kernel)
         return scaled_silu(y) if self.activation else y
 
 

@@ -31,7 +31,7 @@ from jmp_jax.data.pipeline import GraphSource
 from jmp_jax.data.sampling import MixtureSampler
 from jmp_jax.data.store import PackedStore
 from jmp_jax.graphs.build import GraphConfig
-from jmp_jax.models.config import GemNetOCConfig
+from jmp_jax.models.config import GemNetOCConfig, execution_options
 from jmp_jax.models.model import GemNetOCPretrain
 from jmp_jax.train import engine, optim
 from jmp_jax.train.engine import Head, Parts, Recipe, Run, RunShapes
@@ -45,7 +45,8 @@ def model_config(config) -> GemNetOCConfig:
     p = float(config.train.edge_dropout or 0.0)
     extra = {} if config.model.get("num_blocks") is None else {"num_blocks": int(config.model.num_blocks)}
     try:
-        return model_preset(config.model.preset, edge_dropout=p or None, edge_dropout_on_host=True, **extra)
+        return model_preset(config.model.preset, edge_dropout=p or None, edge_dropout_on_host=True, **extra,
+                            **execution_options(config.model))
     except ValueError as e:
         raise ValueError(f"config.model.preset: {e}") from None
 
