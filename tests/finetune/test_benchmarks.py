@@ -202,7 +202,7 @@ SCHEMA = {
     "distributed",
 }  # fmt: skip
 GROUPS = {
-    "model": {"preset", "compute_dtype", "direct_forces", "num_blocks"},
+    "model": {"preset", "compute_dtype", "direct_forces", "num_blocks", "remat", "aggregation_chunk"},
     "data": {"path", "fold", "max_train", "max_val", "max_test", "batch_size", "eval_batch_size",
              "per_device", "workers", "prefetch", "budget_sample", "budget_headroom"},
     "graph": {"cutoff", "max_neighbors", "pbc", "natoms_max_neighbors"},
