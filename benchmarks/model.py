@@ -66,15 +66,22 @@ def main():
 
     grad = jax.jit(jax.grad(loss))
     t0 = time.perf_counter()
-    fwd.lower(variables, batch).compile()
+    fwd_lowered = fwd.lower(variables, batch)
+    fwd_lowered.compile()
     c_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
-    grad.lower(variables["params"], variables["constants"], batch).compile()
+    grad_lowered = grad.lower(variables["params"], variables["constants"], batch)
+    grad_lowered.compile()
     c_grad = time.perf_counter() - t0
+    flops = {name: float(lowered.cost_analysis().get("flops", float("nan")))
+             for name, lowered in (("forward", fwd_lowered), ("forward+backward", grad_lowered))}
     _, t_fwd = _timed(fwd, variables, batch)
     _, t_grad = _timed(grad, variables["params"], variables["constants"], batch)
     print(f"compile: forward {c_fwd:.1f} s, forward+backward {c_grad:.1f} s")
     print(f"run (best of 3): forward {t_fwd * 1e3:.1f} ms, forward+backward {t_grad * 1e3:.1f} ms")
+    print(f"FLOPs (XLA cost analysis): forward {flops['forward'] / 1e9:.1f} G ({flops['forward'] / t_fwd / 1e9:.0f} "
+          f"GFLOP/s), forward+backward {flops['forward+backward'] / 1e9:.1f} G "
+          f"({flops['forward+backward'] / t_grad / 1e9:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":
