@@ -163,7 +163,7 @@ def run(args) -> dict:
         pad_sizes=dict(batch.sizes()), kmax=kmax._asdict(),
         temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
-        flops=flops_of(compiled) if cfg.remat == "none" else model_flops(args),
+        flops=flops_of(lowered) if cfg.remat == "none" else model_flops(args),
         executed_flops=flops_of(compiled) if cfg.remat == "none" else None, compile_s=compile_s,
         device=f"{device.device_kind} ({jax.default_backend()})",
     )

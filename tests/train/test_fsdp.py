@@ -75,30 +75,30 @@ def _sharded_leaves(workdir, step: int) -> int:
 
 
 def test_sharded_run_resumes_exactly_through_main(tmp_path):
-    flags = {"train.shard_params": True, "train.num_steps": 6, "train.checkpoint_every": 3,
-             "train.eval_every": 3}
+    flags = {"train.shard_params": True, "train.num_steps": 4, "train.checkpoint_every": 2,
+             "train.eval_every": 2}
     reference = tmp_path / "reference"
     run_main(reference, devices=4, **flags)
     expected = read_csv(reference / "logs")
 
-    # The same run restarted from its step-3 checkpoint.
+    # The same run restarted from its step-2 checkpoint.
     workdir = tmp_path / "resumed"
     shutil.copytree(reference, workdir)
-    shutil.rmtree(workdir / "checkpoints" / "6")
+    shutil.rmtree(workdir / "checkpoints" / "4")
     shutil.rmtree(workdir / "logs")
     out = run_main(workdir, devices=4, **flags)
-    assert "from the checkpoint of step 3" in out, out[-3000:]
+    assert "from the checkpoint of step 2" in out, out[-3000:]
     got = read_csv(workdir / "logs")
     for tag in ("train/loss", "val/loss"):
-        want = [v for s, v in expected[tag] if s > 3]
+        want = [v for s, v in expected[tag] if s > 2]
         assert want and [v for _, v in got[tag]] == want, tag  # bit for bit (full-precision CSV)
 
-    assert _sharded_leaves(reference, 6) == _sharded_leaves(workdir, 6) > 0  # saved as it lived: sharded
-    want_state, want_meta = _state(reference, 6)
-    got_state, got_meta = _state(workdir, 6)
+    assert _sharded_leaves(reference, 4) == _sharded_leaves(workdir, 4) > 0  # saved as it lived: sharded
+    want_state, want_meta = _state(reference, 4)
+    got_state, got_meta = _state(workdir, 4)
     paths_want = jax.tree_util.tree_flatten_with_path(want_state)[0]
     paths_got = jax.tree_util.tree_flatten_with_path(got_state)[0]
     assert [p for p, _ in paths_got] == [p for p, _ in paths_want]
     for (path, x), (_, y) in zip(paths_got, paths_want):
         assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), jax.tree_util.keystr(path)
-    assert got_meta["data"] == want_meta["data"] and int(got_state["step"]) == 6
+    assert got_meta["data"] == want_meta["data"] and int(got_state["step"]) == 4
