@@ -129,6 +129,156 @@ def totals(structures: Sequence[StructureGraphs]) -> dict[str, int]:
     return {dim: sum(s.sizes[dim] for s in structures) for dim in DIMS}
 
 
+# Trailing shape of every field (after its leading dimension); the others are [size].
+FIELD_SHAPES = {"positions": (3,), "cell": (3, 3), "main_offsets": (3,), "a2a_offsets": (3,),
+                "a2ee2a_offsets": (3,), "qint_offsets": (3,)}
+
+LabelSpecs = Mapping[str, tuple]  # label name -> (dtype, trailing shape)
+
+
+class BatchLayout:
+    """Every array of a padded batch (name, shape, dtype): a pure function of the pad
+    sizes and the label specs. `collate` and the loader's workers fill a batch
+    in two parts that touch disjoint entries: `write_structure` (one structure's
+    entries, at its start in every dimension) and `write_padding` (everything
+    after the real entries). The arrays can live anywhere (`allocate`, or `views`
+    of a shared buffer, optionally with a leading axis of `rows` batches), so a
+    batch can be written in place where it will be read.
+
+    Keys: ("field", name) for `FIELDS`, ("mask", dim), ("node_label", name),
+    ("graph_label", name), ("n_node",), ("n_edge",), ("node_graph",).
+    """
+
+    ALIGN = 64  # bytes: every array of `views` starts on a cache line
+
+    def __init__(self, pad: PadSizes, node_labels: LabelSpecs | None = None, graph_labels: LabelSpecs | None = None):
+        self.pad = pad
+        self.node_labels = {k: (np.dtype(t), tuple(s)) for k, (t, s) in (node_labels or {}).items()}
+        self.graph_labels = {k: (np.dtype(t), tuple(s)) for k, (t, s) in (graph_labels or {}).items()}
+        specs = {}
+        for name, field in FIELDS.items():
+            dtype = np.float32 if name in _FLOAT_FIELDS else np.int32
+            specs[("field", name)] = ((pad[field.dim],) + FIELD_SHAPES.get(name, ()), np.dtype(dtype))
+        for name, (dtype, shape) in self.node_labels.items():
+            specs[("node_label", name)] = ((pad["node"],) + shape, dtype)
+        for name, (dtype, shape) in self.graph_labels.items():
+            specs[("graph_label", name)] = ((pad["graph"],) + shape, dtype)
+        specs[("n_node",)] = specs[("n_edge",)] = ((pad["graph"],), np.dtype(np.int32))
+        specs[("node_graph",)] = ((pad["node"],), np.dtype(np.int32))
+        for dim in DIMS:
+            specs[("mask", dim)] = ((pad[dim],), np.dtype(bool))
+        self.specs = specs
+        self._offsets, offset = {}, 0
+        for key, (shape, dtype) in specs.items():
+            self._offsets[key] = offset
+            offset += -(-int(np.prod(shape)) * dtype.itemsize // self.ALIGN) * self.ALIGN
+        self.row_nbytes = offset  # one batch, every array aligned
+
+    def __eq__(self, other):
+        return isinstance(other, BatchLayout) and self.pad.key() == other.pad.key() and self.specs == other.specs
+
+    def nbytes(self, rows: int | None = None) -> int:
+        """Bytes `views` needs for `rows` stacked batches (None: one, unstacked)."""
+        return self.row_nbytes * (1 if rows is None else rows)
+
+    def allocate(self, rows: int | None = None) -> dict:
+        """Uninitialised arrays ([rows, ...] if rows is given); both writers fill every entry."""
+        lead = () if rows is None else (rows,)
+        return {key: np.empty(lead + shape, dtype) for key, (shape, dtype) in self.specs.items()}
+
+    def views(self, buffer, offset: int = 0, rows: int | None = None) -> dict:
+        """The arrays as views of `buffer` (anything with the buffer protocol) from
+        `offset`: each array's `rows` batches are contiguous ([rows, ...])."""
+        lead = () if rows is None else (rows,)
+        count = 1 if rows is None else rows
+        out = {}
+        for key, (shape, dtype) in self.specs.items():
+            start = offset + self._offsets[key] * count
+            out[key] = np.frombuffer(buffer, dtype, int(np.prod(shape)) * count, start).reshape(lead + shape)
+        return out
+
+    def batch(self, arrays: Mapping) -> GraphBatch:
+        """The `GraphBatch` of these arrays (no copy)."""
+        nodes = {k: arrays[("field", k)] for k in _NODE_FIELDS}
+        nodes.update({k: arrays[("node_label", k)] for k in self.node_labels})
+        globals_ = {k: arrays[("field", k)] for k in _GLOBAL_FIELDS}
+        globals_.update({k: arrays[("graph_label", k)] for k in self.graph_labels})
+        graphs = jraph.GraphsTuple(
+            nodes=nodes,
+            edges={v: arrays[("field", k)] for k, v in _MAIN_EDGE_FIELDS.items()},
+            senders=arrays[("field", "main_senders")],
+            receivers=arrays[("field", "main_receivers")],
+            globals=globals_,
+            n_node=arrays[("n_node",)],
+            n_edge=arrays[("n_edge",)],
+        )
+        indices = {k: arrays[("field", k)] for k in FIELDS if k not in _GRAPHS_TUPLE_FIELDS}
+        masks = {dim: arrays[("mask", dim)] for dim in DIMS}
+        return GraphBatch(graphs=graphs, indices=indices, masks=masks, node_graph=arrays[("node_graph",)])
+
+
+def write_structure(out: Mapping, structure: StructureGraphs, index: int, starts: Mapping[str, int],
+                    node_labels: Mapping | None = None, graph_labels: Mapping | None = None) -> None:
+    """Writes structure number `index` of a batch into the arrays `out` of a
+    `BatchLayout`: its entries at `starts` (the totals of the structures before it
+    in every dimension), its indices shifted by the starts of the dimensions they
+    point into, its atom / edge counts and its labels. Touches nothing else."""
+    for name, field in FIELDS.items():
+        part = structure[name]
+        dst = out[("field", name)]
+        if part.shape[1:] != dst.shape[1:]:
+            raise ValueError(f"structure {structure.id!r}: field {name!r} has shape {part.shape}, "
+                             f"expected [n, {', '.join(map(str, dst.shape[1:]))}]")
+        begin = starts[field.dim]
+        if field.points_to is None:
+            dst[begin:begin + part.shape[0]] = part
+        else:
+            np.add(part, int(starts[field.points_to]), out=dst[begin:begin + part.shape[0]], casting="unsafe")
+    out[("n_node",)][index] = structure.sizes["node"]
+    out[("n_edge",)][index] = structure.sizes["main"]
+    begin, n = starts["node"], structure.sizes["node"]
+    out[("node_graph",)][begin:begin + n] = index
+    for key, dst in out.items():  # every label array of the layout (a missing label is a KeyError)
+        if key[0] == "node_label":
+            name = key[1]
+            value = np.asarray(node_labels[name])
+            if value.shape != (n,) + dst.shape[1:]:
+                raise ValueError(f"structure {structure.id!r}: node label {name!r} has shape {value.shape}")
+            dst[begin:begin + n] = value
+        elif key[0] == "graph_label":
+            name = key[1]
+            value = np.asarray(graph_labels[name])
+            if value.shape != dst.shape[1:]:
+                raise ValueError(f"structure {structure.id!r}: graph label {name!r} has shape {value.shape}")
+            dst[index] = value
+
+
+def write_padding(out: Mapping, layout: BatchLayout, count: int, real: Mapping[str, int]) -> None:
+    """Writes everything of a batch of `count` structures with `real` entries per
+    dimension that `write_structure` does not: padding entries (pointing at the
+    first padding entry of their target dimension, or the pad value), the
+    padding graph's counts, the masks and zero labels. `count` = 0 gives an
+    all-padding batch (`empty_like`)."""
+    pad = layout.pad
+    for dim in DIMS:
+        if pad[dim] < real[dim] + 1:
+            raise ValueError(f"pad size {pad[dim]} for '{dim}' leaves no padding slot for {real[dim]} real entries")
+    for name, field in FIELDS.items():
+        out[("field", name)][real[field.dim]:] = (real[field.points_to] if field.points_to is not None
+                                                  else _PAD_VALUE.get(name, 0))
+    for key, dim in ((("n_node",), "node"), (("n_edge",), "main")):
+        out[key][count] = pad[dim] - real[dim]
+        out[key][count + 1:] = 0
+    out[("node_graph",)][real["node"]:] = count
+    for dim in DIMS:
+        out[("mask", dim)][:real[dim]] = True
+        out[("mask", dim)][real[dim]:] = False
+    for name in layout.node_labels:
+        out[("node_label", name)][real["node"]:] = 0
+    for name in layout.graph_labels:
+        out[("graph_label", name)][count:] = 0
+
+
 def collate(
     structures: Sequence[StructureGraphs],
     pad: PadSizes | None = None,
@@ -154,55 +304,18 @@ def collate(
                 f"pad size {pad[dim]} for '{dim}' leaves no padding slot for {real[dim]} real "
                 f"entries (structures {ids})"
             )
-    # Start of every structure in every dimension.
-    starts = {
-        dim: np.concatenate([[0], np.cumsum([s.sizes[dim] for s in structures])[:-1]]).astype(np.int64)
-        for dim in DIMS
-    }
-    arrays = {}
-    for name, field in FIELDS.items():
-        dtype = np.float32 if name in _FLOAT_FIELDS else np.int32
-        out = np.empty((pad[field.dim],) + structures[0][name].shape[1:], dtype=dtype)
-        # each structure's part goes straight into its slice, shifted by the
-        # structure's start in the dimension it points into (one pass, no
-        # concatenated temporaries)
-        end = 0
-        for i, s in enumerate(structures):
-            part = s[name]
-            begin, end = end, end + part.shape[0]
-            if field.points_to is None:
-                out[begin:end] = part
-            else:
-                np.add(part, int(starts[field.points_to][i]), out=out[begin:end], casting="unsafe")
-        # padding: the first padding entry of the target dimension, or the pad value
-        out[end:] = real[field.points_to] if field.points_to is not None else _PAD_VALUE.get(name, 0)
-        arrays[name] = out
-
-    num_graphs = pad["graph"]
-    n_node = np.zeros(num_graphs, dtype=np.int32)
-    n_edge = np.zeros(num_graphs, dtype=np.int32)
-    n_node[: len(structures)] = [s.sizes["node"] for s in structures]
-    n_edge[: len(structures)] = [s.sizes["main"] for s in structures]
-    n_node[len(structures)] = pad["node"] - real["node"]
-    n_edge[len(structures)] = pad["main"] - real["main"]
-    node_graph = np.repeat(np.arange(num_graphs, dtype=np.int32), n_node)
-    masks = {dim: np.arange(pad[dim]) < real[dim] for dim in DIMS}
-
-    nodes = {k: arrays[k] for k in _NODE_FIELDS}
-    globals_ = {k: arrays[k] for k in _GLOBAL_FIELDS}
-    nodes.update(_pad_labels(node_labels, pad["node"], "node", structures))
-    globals_.update(_pad_labels(graph_labels, pad["graph"], "graph", structures))
-    graphs = jraph.GraphsTuple(
-        nodes=nodes,
-        edges={v: arrays[k] for k, v in _MAIN_EDGE_FIELDS.items()},
-        senders=arrays["main_senders"],
-        receivers=arrays["main_receivers"],
-        globals=globals_,
-        n_node=n_node,
-        n_edge=n_edge,
-    )
-    indices = {k: v for k, v in arrays.items() if k not in _GRAPHS_TUPLE_FIELDS}
-    return GraphBatch(graphs=graphs, indices=indices, masks=masks, node_graph=node_graph)
+    layout = BatchLayout(pad, _label_specs(node_labels, "node", structures),
+                         _label_specs(graph_labels, "graph", structures))
+    out = layout.allocate()
+    starts = dict.fromkeys(DIMS, 0)
+    for i, s in enumerate(structures):
+        # each structure's part goes straight into its slice (one pass, no concatenated temporaries)
+        write_structure(out, s, i, starts, node_labels[i] if node_labels else None,
+                        graph_labels[i] if graph_labels else None)
+        for dim in DIMS:
+            starts[dim] += s.sizes[dim]
+    write_padding(out, layout, len(structures), real)
+    return layout.batch(out)
 
 
 def empty_like(batch: GraphBatch) -> GraphBatch:
@@ -219,24 +332,25 @@ def empty_like(batch: GraphBatch) -> GraphBatch:
     return empty.replace(graphs=empty.graphs._replace(nodes=nodes, n_node=n_node, n_edge=n_edge))
 
 
-def _pad_labels(labels, size: int, dim: str, structures) -> dict[str, np.ndarray]:
+def _label_specs(labels, dim: str, structures) -> dict[str, tuple]:
+    """{name: (dtype, trailing shape)} of per-structure label dicts: the dtype
+    their concatenation has; shapes checked against the structures."""
     if labels is None:
         return {}
     if len(labels) != len(structures):
         raise ValueError(f"{len(labels)} {dim} label dicts for {len(structures)} structures")
     out = {}
     for name in labels[0]:
-        parts = []
+        dtypes, trailing = [], None
         for s, lab in zip(structures, labels):
             value = np.asarray(lab[name])
             value = value.reshape((1,) + value.shape) if dim == "graph" else value
-            if value.shape[0] != (s.sizes[dim] if dim == "node" else 1):
+            if value.shape[0] != (s.sizes[dim] if dim == "node" else 1) or (
+                    trailing is not None and value.shape[1:] != trailing):
                 raise ValueError(f"structure {s.id!r}: {dim} label {name!r} has shape {value.shape}")
-            parts.append(value)
-        value = np.concatenate(parts, axis=0)
-        padded = np.zeros((size,) + value.shape[1:], dtype=value.dtype)
-        padded[: value.shape[0]] = value
-        out[name] = padded
+            trailing = value.shape[1:]
+            dtypes.append(value.dtype)
+        out[name] = (np.result_type(*dtypes), trailing)
     return out
 
 
