@@ -52,6 +52,8 @@ _FLOAT_FIELDS = ("positions", "cell")
 # whose per-row slot count is max rank + 1 (`jmp_jax.models.bases.AggregationSizes`).
 RANK_FIELDS = {"e2e": "e2e_out_agg", "a2e": "a2e_out_agg", "e2a": "e2a_out_agg", "quad": "quad_out_agg",
                "a2a": "a2a_target_rank"}
+_RANK_AGGREGATION = {v: k for k, v in RANK_FIELDS.items()}
+_RANK_NAMES = set(RANK_FIELDS.values()) | {"a2ee2a_target_rank"}  # ranks within rows: < their dimension's size
 
 
 def bucket_size(n: int, minimum: int = 16) -> int:
@@ -142,8 +144,17 @@ class BatchLayout:
     in two parts that touch disjoint entries: `write_structure` (one structure's
     entries, at its start in every dimension) and `write_padding` (everything
     after the real entries). The arrays can live anywhere (`allocate`, or `views`
-    of a shared buffer, optionally with a leading axis of `rows` batches), so a
+    of a buffer holding one batch or `rows` of them one after the other), so a
     batch can be written in place where it will be read.
+
+    `transport=True` is the form in which the loader ships a step to the devices
+    (`unpack` turns its bytes into the batch on the device, bit for bit): index
+    and rank fields are stored in the narrowest unsigned type their static bound
+    allows (an index into a dimension of pad size P is < P; a rank is < the pad
+    size of its dimension, or < kmax[aggregation] when the loader skips
+    structures above `kmax`), widened to int32 by `unpack`; the masks are not
+    stored but computed from the real counts (key ("real",), [len(DIMS)]).
+    `specs` are always the batch's arrays; `stored` what the buffer holds.
 
     Keys: ("field", name) for `FIELDS`, ("mask", dim), ("node_label", name),
     ("graph_label", name), ("n_node",), ("n_edge",), ("node_graph",).
@@ -151,8 +162,11 @@ class BatchLayout:
 
     ALIGN = 64  # bytes: every array of `views` starts on a cache line
 
-    def __init__(self, pad: PadSizes, node_labels: LabelSpecs | None = None, graph_labels: LabelSpecs | None = None):
+    def __init__(self, pad: PadSizes, node_labels: LabelSpecs | None = None, graph_labels: LabelSpecs | None = None,
+                 *, transport: bool = False, kmax: Mapping[str, int] | None = None):
         self.pad = pad
+        self.transport = transport
+        self.kmax = None if kmax is None else {k: int(kmax[k]) for k in RANK_FIELDS}
         self.node_labels = {k: (np.dtype(t), tuple(s)) for k, (t, s) in (node_labels or {}).items()}
         self.graph_labels = {k: (np.dtype(t), tuple(s)) for k, (t, s) in (graph_labels or {}).items()}
         specs = {}
@@ -168,34 +182,97 @@ class BatchLayout:
         for dim in DIMS:
             specs[("mask", dim)] = ((pad[dim],), np.dtype(bool))
         self.specs = specs
+        if transport:
+            stored = {key: (shape, self._narrow(key, dtype)) for key, (shape, dtype) in specs.items()
+                      if key[0] != "mask"}
+            stored[("real",)] = ((len(DIMS),), np.dtype(np.int32))
+        else:
+            stored = dict(specs)
+        self.stored = stored
         self._offsets, offset = {}, 0
-        for key, (shape, dtype) in specs.items():
+        for key, (shape, dtype) in stored.items():
             self._offsets[key] = offset
             offset += -(-int(np.prod(shape)) * dtype.itemsize // self.ALIGN) * self.ALIGN
         self.row_nbytes = offset  # one batch, every array aligned
 
+    def _narrow(self, key, dtype: np.dtype) -> np.dtype:
+        """The transport type of an int32 index or rank field: the narrowest unsigned
+        type that holds every value it can take."""
+        if key[0] != "field" or dtype != np.int32:
+            return dtype
+        name, field = key[1], FIELDS[key[1]]
+        if field.points_to is not None:
+            bound = self.pad[field.points_to]  # values index that dimension (padding: its first padding entry)
+        elif name in _RANK_NAMES:
+            agg = _RANK_AGGREGATION.get(name)
+            bound = self.kmax[agg] if self.kmax is not None and agg is not None else self.pad[field.dim]
+        else:
+            return dtype  # offsets, atomic numbers, tags: no static bound
+        for narrow in (np.uint8, np.uint16):
+            if bound <= np.iinfo(narrow).max + 1:
+                return np.dtype(narrow)
+        return dtype
+
     def __eq__(self, other):
-        return isinstance(other, BatchLayout) and self.pad.key() == other.pad.key() and self.specs == other.specs
+        return (isinstance(other, BatchLayout) and self.pad.key() == other.pad.key()
+                and self.specs == other.specs and self.stored == other.stored)
+
+    def __hash__(self):
+        return hash((self.pad.key(), tuple(self.stored.items())))
 
     def nbytes(self, rows: int | None = None) -> int:
-        """Bytes `views` needs for `rows` stacked batches (None: one, unstacked)."""
+        """Bytes `views` needs for `rows` batches (None: one)."""
         return self.row_nbytes * (1 if rows is None else rows)
 
     def allocate(self, rows: int | None = None) -> dict:
-        """Uninitialised arrays ([rows, ...] if rows is given); both writers fill every entry."""
+        """Uninitialised stored arrays ([rows, ...] if rows is given); the two
+        writers fill every entry."""
         lead = () if rows is None else (rows,)
-        return {key: np.empty(lead + shape, dtype) for key, (shape, dtype) in self.specs.items()}
+        return {key: np.empty(lead + shape, dtype) for key, (shape, dtype) in self.stored.items()}
 
     def views(self, buffer, offset: int = 0, rows: int | None = None) -> dict:
-        """The arrays as views of `buffer` (anything with the buffer protocol) from
-        `offset`: each array's `rows` batches are contiguous ([rows, ...])."""
-        lead = () if rows is None else (rows,)
-        count = 1 if rows is None else rows
+        """The stored arrays as views of `buffer` (anything with the buffer protocol)
+        from `offset`: one batch of `row_nbytes` bytes, or `rows` of them one after
+        the other (each array then a strided [rows, ...] view)."""
         out = {}
-        for key, (shape, dtype) in self.specs.items():
-            start = offset + self._offsets[key] * count
-            out[key] = np.frombuffer(buffer, dtype, int(np.prod(shape)) * count, start).reshape(lead + shape)
+        for key, (shape, dtype) in self.stored.items():
+            start = offset + self._offsets[key]
+            if rows is None:
+                out[key] = np.frombuffer(buffer, dtype, int(np.prod(shape)), start).reshape(shape)
+            else:
+                strides = (self.row_nbytes,) + tuple(int(np.prod(shape[i + 1:])) * dtype.itemsize
+                                                     for i in range(len(shape)))
+                out[key] = np.ndarray((rows,) + shape, dtype, buffer, start, strides)
         return out
+
+    def unpack(self, raw) -> GraphBatch:
+        """The stacked batch ([rows, ...] arrays) of `rows` batches in their bytes,
+        `raw` = uint8 [rows, row_nbytes] (a jax array: traced, e.g. on the device
+        after one host -> device copy of the whole step). Bit for bit the batch
+        the same writes give in a `transport=False` layout."""
+        import jax.numpy as jnp
+        from jax import lax
+
+        rows = raw.shape[0]
+        stored = {}
+        for key, (shape, dtype) in self.stored.items():
+            count = int(np.prod(shape))
+            part = raw[:, self._offsets[key]:self._offsets[key] + count * dtype.itemsize]
+            if dtype == np.bool_:
+                value = part != 0
+            elif dtype.itemsize == 1:
+                value = lax.bitcast_convert_type(part, dtype)
+            else:
+                value = lax.bitcast_convert_type(part.reshape(rows, count, dtype.itemsize), dtype)
+            stored[key] = jnp.reshape(value, (rows,) + shape)
+        arrays = {}
+        for key, (shape, dtype) in self.specs.items():
+            if key[0] == "mask" and key not in stored:
+                real = stored[("real",)][:, DIMS.index(key[1])]
+                arrays[key] = jnp.arange(shape[0], dtype=jnp.int32)[None, :] < real[:, None]
+            else:
+                arrays[key] = stored[key].astype(dtype)
+        return self.batch(arrays)
 
     def batch(self, arrays: Mapping) -> GraphBatch:
         """The `GraphBatch` of these arrays (no copy)."""
@@ -271,8 +348,11 @@ def write_padding(out: Mapping, layout: BatchLayout, count: int, real: Mapping[s
         out[key][count + 1:] = 0
     out[("node_graph",)][real["node"]:] = count
     for dim in DIMS:
-        out[("mask", dim)][:real[dim]] = True
-        out[("mask", dim)][real[dim]:] = False
+        if ("mask", dim) in out:
+            out[("mask", dim)][:real[dim]] = True
+            out[("mask", dim)][real[dim]:] = False
+    if ("real",) in out:
+        out[("real",)][:] = [real[dim] for dim in DIMS]
     for name in layout.node_labels:
         out[("node_label", name)][real["node"]:] = 0
     for name in layout.graph_labels:
