@@ -58,13 +58,20 @@ class GemNetOCBackbone(nn.Module):
             return OutputBlock(cfg, name=f"out_blocks_{j}")(h, m, bases.rad_out, g.receivers, mask, boost)
 
         x_e, x_f = output(0, h, m)
+        # per-layer atom embeddings on request (mutable=["intermediates"]): h after the
+        # embedding (atom_embedding_0) and after each interaction block i (atom_embedding_{i+1})
+        self.sow("intermediates", "atom_embedding_0", h)
         if cfg.remat != "none" and not self.is_initializing():
-            more_e, more_f = self.rematerialised_blocks(h, m, bases, batch, boost)
+            keep_h = self.is_mutable_collection("intermediates")
+            more_e, more_f, hs = self.rematerialised_blocks(h, m, bases, batch, boost, keep_h)
+            for i in range(cfg.num_blocks if keep_h else 0):
+                self.sow("intermediates", f"atom_embedding_{i + 1}", hs[i])
             xs_e, xs_f = [x_e, *more_e], ([x_f, *more_f] if x_f is not None else [None])
         else:
             xs_e, xs_f = [x_e], [x_f]
             for i in range(cfg.num_blocks):
                 h, m = InteractionBlock(cfg, name=f"int_blocks_{i}")(h, m, bases, batch)
+                self.sow("intermediates", f"atom_embedding_{i + 1}", h)
                 x_e, x_f = output(i + 1, h, m)
                 xs_e.append(x_e)
                 xs_f.append(x_f)
@@ -79,14 +86,15 @@ class GemNetOCBackbone(nn.Module):
             )
         return BackboneOutput(energy, forces, bases.main.unit, bases.main.distance)
 
-    def rematerialised_blocks(self, h, m, bases, batch, boost):
+    def rematerialised_blocks(self, h, m, bases, batch, boost, keep_h: bool = False):
         """Interaction block i + output block i + 1 for every i, as one `lax.scan` over
         the blocks' stacked variables with the body under `jax.checkpoint`
         (`GemNetOCConfig.remat`): the backward pass keeps only each block's inputs
         (h, m) and recomputes one block at a time, and the block body compiles once.
         The variables stay the per-block ones (`int_blocks_{i}`, `out_blocks_{i+1}`);
         they are stacked here on the fly. Returns the per-block output-block results
-        ([num_blocks] lists of x_e and x_f)."""
+        ([num_blocks] lists of x_e and x_f) and, with `keep_h`, the atom embeddings h
+        after each block ([num_blocks, N, emb_size_atom], else None)."""
         cfg = self.config
         g = batch.graphs
         variables = self.variables
@@ -104,14 +112,14 @@ class GemNetOCBackbone(nn.Module):
             int_vars, out_vars = block
             h, m = interaction.apply(int_vars, *carry, bases, batch)
             x_e, x_f = output.apply(out_vars, h, m, bases.rad_out, g.receivers, batch.masks["main"], boost)
-            return (h, m), (x_e, x_f)
+            return (h, m), (x_e, x_f, h if keep_h else None)
 
         saveable = {"blocks": jax.checkpoint_policies.nothing_saveable,
                     "blocks_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
         body = jax.checkpoint(body, policy=saveable, prevent_cse=False)  # scan already keeps blocks apart
-        _, (xs_e, xs_f) = jax.lax.scan(body, (h, m), stacked)
+        _, (xs_e, xs_f, hs) = jax.lax.scan(body, (h, m), stacked)
         split = lambda xs: None if xs is None else list(xs)  # noqa: E731
-        return split(xs_e), split(xs_f)
+        return split(xs_e), split(xs_f), hs
 
 
 @functools.lru_cache(maxsize=1)
