@@ -20,20 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "jmp_jax" / "data" / "demo" / "pretrained_tiny"
 
 
-def export_pretraining(workdir, out, config) -> Path:
-    """The latest checkpoint's EMA weights of a pre-training workdir -> a model directory."""
-    from jmp_jax.finetune.init import read_pretrained
-    from jmp_jax.inference.api import write_model_dir
-    from jmp_jax.train.pretrain import model_config
-
-    variables, where = read_pretrained(workdir)
-    cfg = model_config(config)
-    cfg = type(cfg).from_dict({**cfg.to_dict(), "edge_dropout": None, "edge_dropout_on_host": False})
-    meta = {"kind": "pretrain", "config": cfg.to_dict(), "num_tasks": len(config.task_names),
-            "task_names": list(config.task_names), "ema": True, "source": f"jmp_jax demo pre-training ({where})"}
-    return write_model_dir(out, variables, meta)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=None, help="pre-training workdir (default: a temporary directory)")
@@ -45,12 +31,13 @@ def main(argv=None):
     config = module.get_config("demo")
     config.train.async_checkpoints = False
 
+    from jmp_jax.inference.model_dir import export_pretraining
     from jmp_jax.train.pretrain import train_and_evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         metrics = train_and_evaluate(config, workdir)
-        out = export_pretraining(workdir, args.out, config)
+        out = export_pretraining(workdir, args.out, source="jmp_jax demo pre-training (configs/pretrain.py:demo)")
     print(f"exported {out} (final validation: {metrics})")
 
 

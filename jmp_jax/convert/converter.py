@@ -1,8 +1,9 @@
 """PyTorch JMP checkpoint -> jmp_jax model directory (orbax variables + JSON config).
 
-A converted model directory holds:
+A converted model directory (`jmp_jax.inference.model_dir`) holds:
     variables/        orbax checkpoint of {"params": ..., "constants": ...} (arrays only; no pickle)
-    model.json        {"format", "kind", "config", "num_tasks", "task_names", "ema", "source", ...}
+    model.json        {"format", "format_version", "kind", "config", "num_tasks", "task_names", "ema",
+                       "source", "checkpoint_summary", "warnings"}
 
 `kind` is "pretrain" (GemNetOCPretrain: backbone + per-task energy/force heads),
 "energy" (GemNetOCEnergyForces: JMP's fine-tuning energy model) or "backbone"
@@ -15,14 +16,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 
 from jmp_jax.constants import PRETRAIN_TASKS
 from jmp_jax.convert import mapping
 from jmp_jax.convert.checkpoint import CheckpointInfo, load_checkpoint
 from jmp_jax.models.config import GemNetOCConfig
 
-FORMAT = "jmp_jax/converted-v1"
 DEFAULT_TASKS = PRETRAIN_TASKS  # released JMP head order (spec §4, §9)
 
 
@@ -72,8 +71,8 @@ def _widths(config: GemNetOCConfig) -> dict:
 
 
 def save(converted: Converted, out, source: str | None = None) -> Path:
-    """Writes the model directory atomically (`jmp_jax.inference.api.write_model_dir`)."""
-    from jmp_jax.inference.api import write_model_dir
+    """Writes the model directory atomically (`jmp_jax.inference.model_dir.save`)."""
+    from jmp_jax.inference import model_dir
 
     meta = {
         "kind": converted.kind,
@@ -85,10 +84,4 @@ def save(converted: Converted, out, source: str | None = None) -> Path:
         "checkpoint_summary": converted.info.summary(),
         "warnings": list(converted.info.warnings),
     }
-    return write_model_dir(out, _numpy_tree(converted.variables), meta)
-
-
-def _numpy_tree(tree):
-    if isinstance(tree, dict):
-        return {k: _numpy_tree(v) for k, v in tree.items()}
-    return np.asarray(tree)
+    return model_dir.save(out, converted.variables, meta)

@@ -21,11 +21,12 @@ reads arrays and JSON only; nothing stored in it is executed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from jmp_jax.inference import model_dir
 
 COPIED = ("atom_embedding", "backbone")
 # Backbone parts of JMP's direct-force branch, dropped when the task has no direct forces.
@@ -39,11 +40,9 @@ def read_pretrained(path) -> tuple[dict, str]:
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"init: {p} does not exist (a model directory, a pre-training workdir, or 'scratch')")
-    if (p / "model.json").exists():
-        meta = json.loads((p / "model.json").read_text())
-        variables = ocp.StandardCheckpointer().restore((p / "variables").resolve())
-        return ({"params": variables["params"], "constants": variables.get("constants", {})},
-                f"model directory {p} (kind {meta.get('kind')!r})")
+    if model_dir.is_model_dir(p):
+        meta, variables = model_dir.load(p)
+        return variables, f"model directory {p} (kind {meta['kind']!r})"
     ckpt_dir = p / "checkpoints"
     if ckpt_dir.is_dir():
         from jmp_jax.train.checkpoint import Checkpointer

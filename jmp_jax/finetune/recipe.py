@@ -307,8 +307,8 @@ def load_variables(directory: Path, like, step: int | None = None) -> tuple[dict
 
 
 def export_model(out: Path, recipe: FinetuneRecipe, run: Run, variables) -> Path:
-    """The fine-tuned model as a model directory (`jmp_jax.inference.load`)."""
-    from jmp_jax.inference.api import write_model_dir
+    """The fine-tuned model as a model directory (`jmp_jax.inference.model_dir`)."""
+    from jmp_jax.inference import model_dir
 
     s = recipe.spec
     meta = {
@@ -325,7 +325,7 @@ def export_model(out: Path, recipe: FinetuneRecipe, run: Run, variables) -> Path
                   "natoms_max_neighbors": [list(x) for x in s.natoms_max_neighbors]},
         "source": f"fine-tuned from {recipe.config.init}",
     }
-    return write_model_dir(out, jax.device_get(variables), meta)
+    return model_dir.save(out, jax.device_get(variables), meta)
 
 
 def train_and_evaluate(config, workdir) -> dict:

@@ -1,22 +1,27 @@
-"""Load a converted / trained jmp_jax model in one call and run it on structures.
+"""Load any jmp_jax model directory in one call and run it on structures.
 
     from jmp_jax.inference import load
-    model = load("jmp-s")                       # a directory written by tools/convert_torch_ckpt.py
-    out = model.predict([atoms1, atoms2])       # list of dicts, one per structure
+    model = load("jmp-s")                       # converted, pre-trained or fine-tuned
+    out = model.predict(atoms_list, batch_size=32, stress=True)   # one dict of numpy per structure
 
 Structures are ASE `Atoms` or `jmp_jax.graphs.structure.Structure`. Graphs are built
-on the host with the model's `GraphConfig` (default: cutoff 12 Å, k = 30, JMP's
-exact tie-break), batched with the bucket policy, and the forward pass is jitted
-per padded shape, so repeated calls on similar structures do not recompile.
+on the host with the model's graph settings (converted models: cutoff 12 Å, k = 30,
+JMP's exact tie-break; fine-tuned models: their benchmark's), structures are grouped
+by size into batches of `batch_size`, and every batch is padded to the bucket policy
+(`jmp_jax.data.batch.bucket_size`), so thousands of structures of similar sizes
+compile a handful of programs, and later calls reuse them (`model.compile_count`).
+
+Stress (`stress=True`, models with conservative forces, periodic structures) is the
+strain derivative of the energy, σ = (1/V) ∂E/∂ε with positions and cell strained
+together (ASE's sign convention: a compressed cell has negative stress), eV/Å³,
+as a 3×3 matrix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-from pathlib import Path
+import warnings
 from typing import Sequence
 
 import jax
@@ -26,25 +31,32 @@ import numpy as np
 from jmp_jax.data.batch import collate
 from jmp_jax.graphs.build import GraphConfig, build_graphs
 from jmp_jax.graphs.structure import Structure
+from jmp_jax.inference import model_dir
 from jmp_jax.models.bases import aggregation_sizes
 from jmp_jax.models.config import GemNetOCConfig
 
-FORMAT = "jmp_jax/converted-v1"
+ERRORS = ("raise", "skip")
+
+
+class StructureError(ValueError):
+    """A structure this model cannot handle (the message names it and the problem)."""
 
 
 def _as_structure(item, index) -> Structure:
     if isinstance(item, Structure):
         return item
-    return Structure.from_ase(item, id=item.info.get("id", index) if hasattr(item, "info") else index)
+    info = getattr(item, "info", None) or {}
+    return Structure.from_ase(item, id=info.get("id", index))
 
 
 @dataclasses.dataclass
 class JMPModel:
-    """A GemNet-OC model with its variables.
+    """A GemNet-OC model with its variables and what it predicts.
 
-    kind: "pretrain" (per-task energies [T] and direct forces [N, 3, T], in the
-      heads' normalised units) or "energy" (energy and gradient forces
-      F = -dE/dx); "backbone" models give per-atom / per-edge embeddings.
+    kind: "pretrain" (per-task energies [T] and direct forces [n, 3, T], in the
+      heads' normalised units), "energy" (JMP's energy model: energy and gradient
+      forces F = −∂E/∂x), "finetune" (a fine-tuned head, see `predict`) or
+      "backbone" (embeddings only: `jmp_jax.inference.embeddings`).
     """
 
     kind: str
@@ -56,7 +68,10 @@ class JMPModel:
     target: dict | None = None  # fine-tuned models: target name, unit, normalisation, element references
     natoms_max_neighbors: tuple = ()  # fine-tuned MatBench / QMOF models: ((200, 10), (300, 5))
     pbc: bool | None = None  # None: each structure's own pbc; False: free molecules (as in training)
+    meta: dict = dataclasses.field(default_factory=dict)  # model.json as read
+    _compiled: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
+    # ------------------------------------------------------------------ what the model is
     @property
     def module(self):
         from jmp_jax.models.model import GemNetOCEnergyForces, GemNetOCPretrain
@@ -71,17 +86,25 @@ class JMPModel:
             h = self.head
             return FinetuneModel(self.config, h["kind"], reduction=h.get("reduction") or "sum",
                                  num_classes=int(h.get("num_classes") or 2), dropout=h.get("dropout"))
-        raise ValueError(f"predict() needs a pretrain, energy or finetune model, this one is {self.kind!r}")
+        raise ValueError(f"predict() needs a pretrain, energy or finetune model, this one is {self.kind!r} "
+                         "(backbone models give embeddings: jmp_jax.inference.embeddings)")
 
     @property
     def gives_energy(self) -> bool:
-        """Whether `predict` returns an energy with conservative forces (ASE calculator use)."""
-        if self.kind in ("pretrain", "energy"):
+        """Whether `predict` returns an energy (eV) with conservative forces F = −∂E/∂x."""
+        if self.kind == "energy":
             return True
         return self.kind == "finetune" and (self.head["kind"] == "forces" or (
             self.head["kind"] == "scalar" and self.target.get("data_unit") == "eV"
             and self.head.get("reduction") == "sum"))
 
+    @property
+    def compile_count(self) -> int:
+        """Programs compiled so far by this model's `predict` (one per head path, static
+        aggregation sizes and padded batch shape)."""
+        return len(self._compiled)
+
+    # ------------------------------------------------------------------ host side
     def _graph_of(self, structure: Structure, graph: GraphConfig) -> GraphConfig:
         k = None
         for threshold, value in self.natoms_max_neighbors:
@@ -89,131 +112,201 @@ class JMPModel:
                 k = value
         return graph if k is None else dataclasses.replace(graph, max_neighbors=int(k))
 
-    def batch(self, structures: Sequence, graph: GraphConfig | None = None):
-        """Host-side padded batch for a list of structures."""
-        graph = graph or self.graph
-        items = [_as_structure(s, i) for i, s in enumerate(structures)]
+    def prepare(self, item, index: int = 0, graph: GraphConfig | None = None, stress: bool = False):
+        """Checked structure -> its graphs (`StructureError` naming it and the problem)."""
+        try:
+            s = _as_structure(item, index)
+        except ValueError as e:  # Structure's own checks name the structure
+            raise StructureError(str(e) if str(e).startswith("structure") else f"structure {index}: {e}") from e
+        except Exception as e:
+            raise StructureError(f"structure {index}: cannot read it as a structure ({e})") from e
+        name = f"structure {index}" + (f" (id {s.id!r})" if s.id is not None and s.id != index else "")
+        if s.num_atoms == 0:
+            raise StructureError(f"{name}: has no atoms")
+        z = np.asarray(s.atomic_numbers)
+        bad = np.flatnonzero((z < 1) | (z > self.config.num_elements))
+        if bad.size:
+            raise StructureError(f"{name}: atomic number {int(z[bad[0]])} (atom {int(bad[0])}) is outside this "
+                                 f"model's range 1..{self.config.num_elements}")
         if self.pbc is False:
-            items = [dataclasses.replace(s, cell=np.zeros((3, 3)), pbc=np.zeros(3, bool)) for s in items]
-        return collate([build_graphs(s, self._graph_of(s, graph)) for s in items])
+            s = dataclasses.replace(s, cell=np.zeros((3, 3)), pbc=np.zeros(3, bool))
+        if stress:
+            volume = abs(float(np.linalg.det(np.asarray(s.cell, np.float64))))
+            if not np.any(s.pbc) or volume < 1e-6:
+                raise StructureError(f"{name}: stress needs a periodic structure with a cell of nonzero volume "
+                                     f"(pbc {np.asarray(s.pbc).tolist()}, volume {volume:.3g} Å³)")
+        try:
+            s.validate()
+            return build_graphs(s, self._graph_of(s, graph or self.graph))
+        except ValueError as e:
+            message = str(e)
+            raise StructureError(message if message.startswith(("structure", "Structure")) or str(s.id) in message
+                                 else f"{name}: {message}") from e
 
-    def predict(self, structures: Sequence, graph: GraphConfig | None = None, forces: bool = True) -> list[dict]:
-        """Per structure (numpy):
-        pretrain: {"energy": [T], "forces": [n, 3, T]} (normalised units);
+    def batch(self, structures: Sequence, graph: GraphConfig | None = None):
+        """Host-side padded batch of a list of structures (bad input: `StructureError`)."""
+        return collate([self.prepare(s, i, graph) for i, s in enumerate(structures)])
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, structures: Sequence, batch_size: int = 16, forces: bool = True, stress: bool = False,
+                graph: GraphConfig | None = None, errors: str = "raise", progress: bool | None = None) -> list:
+        """One dict of numpy arrays per structure, in input order:
+        pretrain: {"energy": [T], "forces": [n, 3, T]} (each task head's normalised units);
         energy: {"energy": eV, "forces": [n, 3] eV/Å};
         finetune: forces tasks {"energy" (eV, up to a constant: trained on forces only), "forces"};
           direct-force tasks {"forces"}; scalar tasks {"y"} in the target's data unit (references
           added back) plus, for sum-reduced eV targets with `forces`, {"energy", "forces"};
           classification {"probabilities": [C], "label"}.
-        """
-        structures = list(structures)
-        batch = self.batch(structures, graph)
-        kmax = aggregation_sizes(batch)
-        n_node = np.asarray(batch.graphs.n_node)
-        starts = np.concatenate([[0], np.cumsum(n_node)])
-        if self.kind == "finetune":
-            return self._predict_finetune(batch, kmax, starts, len(structures), forces)
-        energy, f = _forward(self.module, self.kind, kmax)(self.variables, batch)
-        energy, f = np.asarray(energy), np.asarray(f)
-        return [{"energy": energy[i], "forces": f[starts[i]:starts[i + 1]]} for i in range(len(structures))]
+        stress=True adds {"stress": [3, 3] eV/Å³} (conservative-force models, periodic structures).
 
-    def _predict_finetune(self, batch, kmax, starts, count: int, with_forces: bool) -> list[dict]:
+        batch_size: structures per padded batch (batches group similar sizes).
+        errors: "raise" (default) stops at the first structure the model cannot handle,
+          with an error naming it; "skip" predicts the others, gives {"error": message}
+          for the bad ones and warns once with their count.
+        progress: a tqdm bar (None: only for more than 8 batches).
+        """
+        if errors not in ERRORS:
+            raise ValueError(f"errors must be one of {ERRORS}, got {errors!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if stress and not self.gives_energy:
+            raise ValueError(self._no_stress_reason())
+        module = self.module  # a model that cannot predict says so before any work
+        structures = list(structures)
+        results: list = [None] * len(structures)
+        prepared = []
+        for i, item in enumerate(structures):
+            try:
+                prepared.append((i, self.prepare(item, i, graph, stress)))
+            except StructureError as e:
+                if errors == "raise":
+                    raise
+                results[i] = {"error": str(e)}
+        order = sorted(prepared, key=lambda p: p[1].sizes["node"])  # similar sizes share a padded batch
+        chunks = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
+        bar = None
+        if progress or (progress is None and len(chunks) > 8):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), unit="structure", desc="predict")
+        try:
+            for chunk in chunks:
+                batch = collate([g for _, g in chunk])
+                for (i, _), out in zip(chunk, self._predict_batch(module, batch, len(chunk), forces, stress)):
+                    results[i] = out
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        bad = [r["error"] for r in results if r is not None and "error" in r]
+        if bad:
+            warnings.warn(f"predict: skipped {len(bad)} of {len(structures)} structure(s) the model cannot handle; "
+                          f"first: {bad[0]}", stacklevel=2)
+        return results
+
+    def _no_stress_reason(self) -> str:
+        if self.kind == "pretrain" or (self.kind == "finetune" and self.head["kind"] == "direct_forces"):
+            return ("this model predicts forces directly (no energy they derive from): it has no conservative stress; "
+                    "use a model with gradient forces (an energy or force fine-tuned model)")
+        what = self.target.get("target") if self.target else self.kind
+        return f"this model predicts {what!r}, not an energy: it has no stress"
+
+    def _run(self, path: str, module, batch, kmax):
+        self._compiled.add((path, kmax, _pad_key(batch)))
+        return _program(module, path, kmax)(self.variables, batch)
+
+    def _predict_batch(self, module, batch, count: int, with_forces: bool, with_stress: bool) -> list[dict]:
+        kmax = aggregation_sizes(batch)
+        n_node = np.asarray(batch.graphs.n_node)[:count]
+        starts = np.concatenate([[0], np.cumsum(n_node)])
+        atoms = [slice(starts[i], starts[i + 1]) for i in range(count)]
+        if self.kind == "pretrain":
+            energy, f = (np.asarray(x) for x in self._run("pretrain", module, batch, kmax))
+            return [{"energy": energy[i], "forces": f[atoms[i]]} for i in range(count)]
+        if self.kind == "energy":
+            return self._energy_results(module, batch, kmax, atoms, count, 1.0, 0.0, with_stress)
         head, target = self.head["kind"], self.target
-        z = np.asarray(batch.graphs.nodes["atomic_numbers"])
-        out = []
-        if head in ("forces", "direct_forces"):
+        if head == "forces":
             scale = float(target.get("force_std") or 1.0)
-            energy, f = _forward(self.module, head, kmax)(self.variables, batch)
-            energy, f = np.asarray(energy), np.asarray(f)
-            for i in range(count):
-                item = {"forces": f[starts[i]:starts[i + 1]] * scale}
-                if head == "forces":
-                    item["energy"] = float(energy[i]) * scale
-                out.append(item)
-            return out
+            return self._energy_results(module, batch, kmax, atoms, count, scale, 0.0, with_stress)
+        if head == "direct_forces":
+            scale = float(target.get("force_std") or 1.0)
+            f = np.asarray(self._run("apply", module, batch, kmax))
+            return [{"forces": f[atoms[i]] * scale} for i in range(count)]
         if head == "classification":
-            logits = np.asarray(_forward(self.module, head, kmax)(self.variables, batch)[0])
+            logits = np.asarray(self._run("apply", module, batch, kmax), np.float64)
             p = np.exp(logits - logits.max(axis=-1, keepdims=True))
             p /= p.sum(axis=-1, keepdims=True)
             return [{"probabilities": p[i], "label": int(np.argmax(p[i]))} for i in range(count)]
-        grad = with_forces and self.gives_energy
-        pred, f = _forward(self.module, "scalar_forces" if grad else head, kmax)(self.variables, batch)
-        pred = np.asarray(pred, np.float64)
         mean, std = (0.0, 1.0) if head == "spatial_extent" else (float(target["mean"]), float(target["std"]))
         ref = target.get("element_reference")
+        z = np.asarray(batch.graphs.nodes["atomic_numbers"])
+        offsets = [0.0 if ref is None else float(np.sum(np.asarray(ref, np.float64)[z[atoms[i]]]))
+                   for i in range(count)]
+        if (with_forces or with_stress) and self.gives_energy:
+            out = self._energy_results(module, batch, kmax, atoms, count, std, mean, with_stress, offsets)
+            for item in out:
+                item["y"] = item["energy"]
+            return out
+        pred = np.asarray(self._run("apply", module, batch, kmax), np.float64)
+        return [{"y": pred[i] * std + mean + offsets[i]} for i in range(count)]
+
+    def _energy_results(self, module, batch, kmax, atoms, count, scale, mean, with_stress, offsets=None):
+        """Energy (× scale + mean + offset) and gradient forces (× scale), stress if asked."""
+        if with_stress:
+            energy, f, virial = (np.asarray(x, np.float64) for x in self._run("stress", module, batch, kmax))
+            cell = np.asarray(batch.graphs.globals["cell"], np.float64)[:count]
+            volume = np.abs(np.linalg.det(cell))
+        else:
+            energy, f = (np.asarray(x, np.float64) for x in self._run("forces", module, batch, kmax))
+        out = []
         for i in range(count):
-            y = pred[i] * std + mean
-            if ref is not None:
-                y += float(np.sum(np.asarray(ref, np.float64)[z[starts[i]:starts[i + 1]]]))
-            item = {"y": y}
-            if grad:
-                item.update(energy=y, forces=np.asarray(f)[starts[i]:starts[i + 1]] * std)
+            item = {"energy": float(energy[i]) * scale + mean + (offsets[i] if offsets else 0.0),
+                    "forces": f[atoms[i]] * scale}
+            if with_stress:
+                item["stress"] = virial[i] * scale / volume[i]
             out.append(item)
         return out
 
 
-@functools.lru_cache(maxsize=None)
-def _forward(module, kind: str, kmax):
-    from jmp_jax.models.model import energy_and_forces
+def _pad_key(batch) -> tuple:
+    return tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
 
-    if kind == "pretrain":
+
+@functools.lru_cache(maxsize=None)
+def _program(module, path: str, kmax):
+    """The jitted forward of one head path (cached per module and static sizes)."""
+    from jmp_jax.models.model import energy_and_forces, energy_forces_strain
+
+    if path == "pretrain":
         def pretrain(variables, batch):
             result = module.apply(variables, batch, kmax)
             return result.energy, result.forces
 
         return jax.jit(pretrain)
-    if kind in ("energy", "forces", "scalar_forces"):
+    if path == "forces":
         return jax.jit(lambda variables, batch: energy_and_forces(module, variables, batch, kmax))
-    if kind == "direct_forces":
-        return jax.jit(lambda variables, batch: (jnp.zeros(batch.masks["graph"].shape), module.apply(
-            variables, batch, kmax)))
-    return jax.jit(lambda variables, batch: (module.apply(variables, batch, kmax), None))
-
-
-def write_model_dir(out, variables, meta: dict) -> Path:
-    """A model directory (orbax `variables/` + `model.json` = {"format", **meta}),
-    written atomically (temp dir + rename)."""
-    import shutil
-
-    import orbax.checkpoint as ocp
-
-    out = Path(out).resolve()
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / "variables", jax.tree_util.tree_map(np.asarray, variables))
-    checkpointer.wait_until_finished()
-    (tmp / "model.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    if path == "stress":
+        return jax.jit(lambda variables, batch: energy_forces_strain(module, variables, batch, kmax))
+    return jax.jit(lambda variables, batch: module.apply(variables, batch, kmax))
 
 
 def load(path, graph: GraphConfig | None = None) -> JMPModel:
-    """Reads a model directory (`model.json` + orbax `variables/`). Only arrays and
-    JSON are read: nothing stored in the directory is executed."""
-    import orbax.checkpoint as ocp
-
-    path = Path(path).resolve()
-    meta_path = path / "model.json"
-    if not meta_path.exists():
-        raise ValueError(f"{path}: not a jmp_jax model directory (no model.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown model format {meta.get('format')!r} (expected {FORMAT})")
-    variables = ocp.StandardCheckpointer().restore(path / "variables")
+    """Reads a model directory (`jmp_jax.inference.model_dir`): a converted checkpoint,
+    a pre-training export or a fine-tuned model. Only arrays and JSON are read: nothing
+    stored in the directory is executed. `graph` overrides the graph settings."""
+    meta, variables = model_dir.load(path)
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
     model = JMPModel(
         kind=meta["kind"],
         config=GemNetOCConfig.from_dict(meta["config"]),
         variables=variables,
         task_names=tuple(meta["task_names"]) if meta.get("task_names") else None,
+        meta=meta,
     )
     if meta["kind"] == "finetune":
-        g = meta.get("graph") or {}
+        g = meta["graph"]
         model = dataclasses.replace(
             model, head=meta["head"], target=meta["target"],
             graph=GraphConfig(cutoff=float(g.get("cutoff", 12.0)), max_neighbors=int(g.get("max_neighbors", 30)),
@@ -223,3 +316,4 @@ def load(path, graph: GraphConfig | None = None) -> JMPModel:
     if graph is not None:
         model = dataclasses.replace(model, graph=graph)
     return model
+

@@ -1,19 +1,22 @@
-"""ASE calculator for jmp_jax models.
+"""ASE calculator for jmp_jax models: energy, forces and stress.
 
     from jmp_jax.inference import load
     from jmp_jax.inference.calculator import JMPCalculator
-    atoms.calc = JMPCalculator(load("jmp-s"), task="oc20")
-    atoms.get_potential_energy(); atoms.get_forces()
+    atoms.calc = JMPCalculator(load("finetuned-model"))
+    atoms.get_potential_energy(); atoms.get_forces(); atoms.get_stress()
 
-Pre-training models predict in each task head's normalised units; with
-`denormalize=True` (default) the calculator multiplies by that task's std from
-JMP's released pre-training config (jmp_training_spec §1.2; mean 0). Whether the
-released heads used exactly this normalisation is an open question of the spec
-(§9), so treat pre-training-head energies as a diagnostic, not a potential.
-Fine-tuned energy models give energies and conservative forces F = -dE/dx: JMP's
-energy models, models fine-tuned on forces (gradient-force heads; their energy is
-known up to a constant, since training saw forces only) and sum-reduced eV scalar
-models (e.g. QM9 U_0: energy with the per-element references added back).
+Works with `ase.optimize` and `ase.md` unchanged. Models with conservative forces
+(F = −∂E/∂x: JMP's fine-tuning energy model, models fine-tuned on forces with
+gradient forces, whose energy is known up to a constant, and sum-reduced eV scalar
+models such as QM9 U_0) give energy, forces and, for periodic structures, the stress
+σ = (1/V) ∂E/∂ε (eV/Å³, Voigt order xx yy zz yz xz xy as ASE's `get_stress`).
+
+Pre-training models (`task=` one of their heads) predict direct forces, with no
+energy they derive from: they give energy and forces but no stress. Their heads
+predict in normalised units; the calculator converts with the task's normaliser
+stored in the model directory by our own pre-training (energy × std + mean + linear
+reference, forces × std) or, for converted JMP checkpoints, JMP's released
+normaliser (energy × std, no reference: a diagnostic, not a potential).
 Padding follows the bucket policy, so a relaxation or MD run recompiles only when
 a structure's graph sizes cross a bucket boundary.
 """
@@ -21,7 +24,8 @@ a structure's graph sizes cross a bucket boundary.
 from __future__ import annotations
 
 import numpy as np
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from jmp_jax.constants import PRETRAIN_NORMALIZATION as _RELEASED
 from jmp_jax.graphs.build import GraphConfig
@@ -32,7 +36,7 @@ PRETRAIN_NORMALIZATION = {task: (e, f) for task, (e, f, _) in _RELEASED.items()}
 
 
 class JMPCalculator(Calculator):
-    implemented_properties = ["energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, model: JMPModel, task: str | int | None = None, graph: GraphConfig | None = None,
                  denormalize: bool = True, **kwargs):
@@ -40,14 +44,26 @@ class JMPCalculator(Calculator):
         self.model = model
         self.graph = graph
         self.scale = (1.0, 1.0)
+        self.shift = 0.0
+        self.reference = None
         self.task_index = None
         if model.kind == "pretrain":
             names = list(model.task_names or [])
             if task is None:
                 raise ValueError(f"a pre-training model needs task= one of {names} (or an index)")
+            if isinstance(task, str) and task not in names:
+                raise ValueError(f"task {task!r} is not one of this model's heads {names}")
             self.task_index = names.index(task) if isinstance(task, str) else int(task)
-            name = names[self.task_index] if self.task_index < len(names) else None
-            if denormalize and name in PRETRAIN_NORMALIZATION:
+            if not 0 <= self.task_index < len(names):
+                raise ValueError(f"task index {task} out of range: the model has {len(names)} heads")
+            name = names[self.task_index]
+            stored = (model.meta.get("tasks") or {}).get(name)
+            if denormalize and stored:
+                self.scale = (float(stored["energy_std"]), float(stored["force_std"]))
+                self.shift = float(stored.get("energy_mean") or 0.0)
+                if stored.get("linear_reference") is not None:
+                    self.reference = np.asarray(stored["linear_reference"], np.float64)
+            elif denormalize and name in PRETRAIN_NORMALIZATION:
                 self.scale = PRETRAIN_NORMALIZATION[name]
         elif model.kind == "finetune":
             if not model.gives_energy:
@@ -59,9 +75,19 @@ class JMPCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        out = self.model.predict([self.atoms], graph=self.graph)[0]
+        stress = "stress" in properties
+        if stress and not self.model.gives_energy:
+            raise PropertyNotImplementedError(self.model._no_stress_reason())
+        if stress and not self.atoms.pbc.any():
+            raise PropertyNotImplementedError("stress of a non-periodic structure is not defined")
+        out = self.model.predict([self.atoms], graph=self.graph, stress=stress)[0]
         energy, forces = out["energy"], out["forces"]
         if self.task_index is not None:
             energy, forces = energy[self.task_index], forces[..., self.task_index]
-        self.results["energy"] = float(energy) * self.scale[0]
+        energy = float(energy) * self.scale[0] + self.shift
+        if self.reference is not None:
+            energy += float(np.sum(self.reference[self.atoms.get_atomic_numbers()]))
+        self.results["energy"] = self.results["free_energy"] = energy
         self.results["forces"] = np.asarray(forces, dtype=np.float64) * self.scale[1]
+        if stress:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out["stress"], np.float64))

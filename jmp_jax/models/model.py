@@ -97,6 +97,28 @@ def energy_and_forces(model: nn.Module, variables, batch, kmax=None, determinist
     return energy, -grad
 
 
+def energy_forces_strain(model: nn.Module, variables, batch, kmax=None, deterministic: bool = True):
+    """(energy [G], forces [N, 3], ∂E/∂ε [G, 3, 3]) at fixed topology, where ε is a
+    symmetric strain applied to each structure's positions and cell together
+    (x → x(1 + ε), C → C(1 + ε)); the stress is (∂E/∂ε) / V (ASE's convention)."""
+    graph_mask = jnp.asarray(batch.masks["graph"])
+    positions = jnp.asarray(batch.graphs.nodes["positions"])
+    cell = jnp.asarray(batch.graphs.globals["cell"])
+    node_graph = jnp.asarray(batch.node_graph)
+
+    def total(positions, strain):
+        sym = 0.5 * (strain + jnp.swapaxes(strain, -1, -2))
+        nodes = dict(batch.graphs.nodes, positions=positions + jnp.einsum("ni,nij->nj", positions, sym[node_graph]))
+        globals_ = dict(batch.graphs.globals, cell=cell + jnp.einsum("gki,gij->gkj", cell, sym))
+        b = batch.replace(graphs=batch.graphs._replace(nodes=nodes, globals=globals_))
+        energy = model.apply(variables, b, kmax, deterministic)
+        return jnp.sum(jnp.where(graph_mask, energy, 0.0)), energy
+
+    strain = jnp.zeros(cell.shape, positions.dtype)
+    (grad_x, grad_strain), energy = jax.grad(total, argnums=(0, 1), has_aux=True)(positions, strain)
+    return energy, -grad_x, grad_strain
+
+
 class GemNetOCFinetune(nn.Module):
     """Backbone + named heads: returns {name: head(out, batch)}."""
 

@@ -55,6 +55,10 @@ class Checkpointer:
         restored = self.manager.restore(step, args=args)
         return restored["state"], restored["meta"]
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON item of `step` (data state, shapes, config, recipe state), without the arrays."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -175,6 +175,20 @@ class PretrainRecipe(Recipe):
     def checkpoint_now(self, step: int, epoch_done: bool, last: bool) -> bool:
         return step % self.config.train.checkpoint_every == 0 or last
 
+    def finish(self, run: Run, state, workdir: Path, last_val: dict) -> dict:
+        """Exports the final EMA weights (raw weights without EMA) as `WORKDIR/model`."""
+        if jax.process_index() == 0:
+            from jmp_jax.inference import model_dir
+
+            ema = bool(state.ema)
+            weights = jax.device_get(state.ema if ema else state.params)
+            meta = model_dir.pretraining_meta(self.config, f"jmp_jax pre-training {self.name}, step {int(state.step)} "
+                                              f"({'EMA' if ema else 'raw'} weights)", ema=ema, tasks=self.tasks)
+            out = model_dir.save(Path(workdir) / "model", {"params": weights,
+                                                           "constants": jax.device_get(state.constants)}, meta)
+            print(f"jmp_jax: model exported to {out}", flush=True)
+        return last_val
+
     def start_message(self, run: Run) -> str:
         names = self.task_names
         return (f"jmp_jax pre-training {self.config.name}: {run.num_steps} steps on {jax.device_count()} device(s), "

@@ -1,0 +1,35 @@
+"""Export a pre-training run as a model directory:
+
+    python -m jmp_jax.export --workdir=DIR --out=MODEL
+
+Reads the latest complete checkpoint of DIR (a `python -m jmp_jax.main
+--config=configs/pretrain.py` workdir, finished or still running) and writes its
+EMA weights with the task heads, the model settings and each task's normaliser as
+MODEL (`jmp_jax.inference.load` opens it, `--config.init=MODEL` fine-tunes from it).
+Pre-training and fine-tuning runs also export WORKDIR/model themselves at the end.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Pre-training workdir (with checkpoints/).")
+flags.DEFINE_string("out", None, "Model directory to write (replaced if it exists).")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jmp_jax.inference.model_dir import ModelDirError, export_pretraining
+
+    try:
+        out = export_pretraining(FLAGS.workdir, FLAGS.out)
+    except ModelDirError as e:
+        raise app.UsageError(str(e)) from None
+    print(f"jmp_jax.export: wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
