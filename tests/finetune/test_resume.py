@@ -6,10 +6,14 @@ shipped pre-trained tiny model as init, the embedded ethanol MD store), shrunk t
 The killed-and-restarted run must log bit-identical training losses, pick the same
 best epoch, write the same results.json numbers and export the same model as the
 uninterrupted run; the plateau / early-stopping / best state survive the restart.
+The reference run's exported model, evaluated by `jmp_jax.evaluate` with the same
+config on the test split, reproduces its results.json test numbers.
 """
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import os
 import signal
@@ -21,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from jmp_jax.train.metrics import read_csv
 
@@ -64,6 +69,55 @@ def _model_arrays(path):
     return jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, tree))[0]
 
 
+def _config(path, arg=None, **overrides):
+    """The config a `--config=path[:arg] --config.<key>=<value>` command line gives."""
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config() if arg is None else module.get_config(arg)
+    for key, value in overrides.items():
+        *groups, name = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[name] = value
+    return config
+
+
+def _evaluation_reproduces_the_results(reference, results, out):
+    """`jmp_jax.evaluate` of the exported model with the run's config on its test split
+    gives results.json's test numbers (same keys); its files are written; a config for
+    another target, other graph settings or pre-training is a clear error."""
+    from jmp_jax.evaluate import METRICS, PARITY, PREDICTIONS, EvaluationError, evaluate
+    from jmp_jax.inference import load
+
+    model = load(reference / "model")
+    got = evaluate(model, _config(DEMO, **FAST), split="test", out=out, progress=False)
+    assert sorted(got["metrics"]) == sorted(results["test"])
+    worst = 0.0
+    for key, value in results["test"].items():
+        np.testing.assert_allclose(got["metrics"][key], value, rtol=1e-5, err_msg=key)
+        worst = max(worst, abs(got["metrics"][key] - value) / max(abs(value), 1e-300))
+    print(f"jmp_jax.evaluate vs results.json test: max relative difference {worst:.3g}")
+    assert got["counts"]["structures"] == FAST["data.max_test"] and got["split"] == "test"
+    assert json.loads((out / METRICS).read_text())["metrics"] == got["metrics"]
+    assert (out / PARITY).read_bytes()[:4] == b"\x89PNG"
+    with open(out / PREDICTIONS, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["id", "atom", "component", "free", "target", "prediction"]
+    assert len(rows) == 3 * got["counts"]["atoms"] and len({r["id"] for r in rows}) == FAST["data.max_test"]
+    mae = np.mean([abs(float(r["prediction"]) - float(r["target"])) for r in rows])
+    np.testing.assert_allclose(got["metrics"]["force_mae"], mae, rtol=1e-12)
+
+    with pytest.raises(EvaluationError, match="fine-tuned for rmd17 ethanol, but the config is rmd17 aspirin"):
+        evaluate(model, _config(ROOT / "configs" / "finetune" / "rmd17.py", "aspirin,tiny"), out=out / "x")
+    with pytest.raises(EvaluationError, match="other graph settings.*cutoff: model 7.0, config 5.0"):
+        evaluate(model, _config(DEMO, **FAST, **{"graph.cutoff": 5.0}), out=out / "x")
+    with pytest.raises(EvaluationError, match="pre-training config.*'finetune' model"):
+        evaluate(model, _config(ROOT / "configs" / "pretrain.py", "demo"), out=out / "x")
+    assert not (out / "x").exists()
+
+
 def test_killed_finetuning_resumes_the_same_run(tmp_path, monkeypatch):
     monkeypatch.setitem(CACHE, "dir", str(tmp_path / "xla_cache"))
     reference = tmp_path / "reference"
@@ -78,6 +132,7 @@ def test_killed_finetuning_resumes_the_same_run(tmp_path, monkeypatch):
     assert results["best"]["value"] == min(val.values())
     assert results["val"]["force_mae"] == results["best"]["value"]  # the best checkpoint is what gets evaluated
     assert results["test"]["mae"] == results["test"]["force_mae"] * 1000.0
+    _evaluation_reproduces_the_results(reference, results, tmp_path / "eval")
 
     workdir = tmp_path / "killed"
     with open(tmp_path / "killed.log", "w") as log:
