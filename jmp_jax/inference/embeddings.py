@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ def find_layers(intermediates) -> dict[int, jax.Array]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _embed(module, kmax):
     def run(variables, batch):
         _, state = module.apply(variables, batch, kmax, mutable=["intermediates"])
