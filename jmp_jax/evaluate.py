@@ -207,7 +207,8 @@ def _finetune(model, config, split, batch_size, max_structures, progress, log):
                 for i, y, p, f in zip(ok, target, pred, free) for a in range(y.shape[0]) for c in range(3)]
         table = (["id", "atom", "component", "free", "target", "prediction"], rows)
         figure = _parity_figure([("force components (eV/Å)", np.concatenate(target).ravel(),
-                                  np.concatenate(pred).ravel(), force_mae)], f"{spec_label(spec)} {split}")
+                                  np.concatenate(pred).ravel(), force_mae)], f"{spec_label(spec)} {split}",
+                                unit=_unit(spec))
     elif head == "classification":
         y = np.array([target_value(spec, records[i]) for i in ok])
         prob = np.stack([np.asarray(preds[i]["probabilities"], np.float64) for i in ok])
@@ -224,7 +225,7 @@ def _finetune(model, config, split, batch_size, max_structures, progress, log):
         metrics["balanced_accuracy"] = float(np.mean(correct[seen] / total[seen])) if seen.any() else 0.0
         metrics["loss"] = float(np.sum(weights[label] * nll)) / len(ok)
         extra.update(confusion_matrix=confusion.tolist(), class_counts=total.tolist(),
-                     recall=[float(c / n) if n else math.nan for c, n in zip(correct, total)])
+                     recall=[float(c / n) if n else None for c, n in zip(correct, total)])  # None: class absent
         rows = [(records[i].id, int(label[k]), int(predicted[k]), *prob[k]) for k, i in enumerate(ok)]
         table = (["id", "target", "prediction", *(f"probability_{c}" for c in range(num_classes))], rows)
         figure = _confusion_figure(confusion, f"{spec_label(spec)} {split}: balanced accuracy "
@@ -243,7 +244,7 @@ def _finetune(model, config, split, batch_size, max_structures, progress, log):
         rows = [(records[i].id, y[k], p[k]) for k, i in enumerate(ok)]
         table = (["id", "target", "prediction"], rows)
         figure = _parity_figure([(f"{spec.target} ({spec.data_unit})", y, p, mae)], f"{spec_label(spec)} {split}",
-                                unit=spec.data_unit)
+                                unit=_unit(spec))
     metrics["skipped_structures"] = skipped
     result = {
         "kind": "finetune", "benchmark": spec.benchmark, "target": spec.target, "fold": spec.fold,
@@ -391,6 +392,11 @@ def _structure(record, pbc):
                             record.tags, id=record.id)
 
 
+def _unit(spec):
+    """(data unit, scale, reported unit) of the MAE in a plot title (`mae` in metrics.json: the reported unit)."""
+    return (spec.data_unit, float(spec.unit_scale), spec.unit)
+
+
 def _free(record) -> np.ndarray:
     n = record.num_atoms
     return np.ones(n, bool) if record.fixed is None else ~np.asarray(record.fixed, bool)
@@ -407,7 +413,8 @@ def _write_csv(path: Path, header, rows) -> None:
 
 
 def _parity_figure(panels, title, unit=None, columns=1):
-    """panels: (label, target, prediction, mae). Returns a function writing the PNG."""
+    """panels: (label, target, prediction, mae); unit: None or (data unit, scale, reported unit).
+    Returns a function writing the PNG."""
 
     def write(path):
         import matplotlib
@@ -426,7 +433,11 @@ def _parity_figure(panels, title, unit=None, columns=1):
                 ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.8)
             ax.set_xlabel(f"target: {label}")
             ax.set_ylabel("prediction")
-            ax.set_title(f"{label}\nMAE {mae:.4g}" + (f" {unit}" if unit else "") + f" (n = {y.size})", fontsize=9)
+            text = f"MAE {mae:.4g}"
+            if unit:
+                data_unit, scale, reported = unit
+                text += f" {data_unit}" + (f" = {mae * scale:.4g} {reported}" if reported != data_unit else "")
+            ax.set_title(f"{label}\n{text} (n = {y.size})", fontsize=9)
         for ax in axes.ravel()[len(panels):]:
             ax.axis("off")
         fig.suptitle(title, fontsize=10)
