@@ -163,7 +163,7 @@ class BatchLayout:
     ALIGN = 64  # bytes: every array of `views` starts on a cache line
 
     def __init__(self, pad: PadSizes, node_labels: LabelSpecs | None = None, graph_labels: LabelSpecs | None = None,
-                 *, transport: bool = False, kmax: Mapping[str, int] | None = None):
+                 *, transport: bool = False, kmax: Mapping[str, int] | None = None, float_dtype=np.float32):
         self.pad = pad
         self.transport = transport
         self.kmax = None if kmax is None else {k: int(kmax[k]) for k in RANK_FIELDS}
@@ -171,7 +171,7 @@ class BatchLayout:
         self.graph_labels = {k: (np.dtype(t), tuple(s)) for k, (t, s) in (graph_labels or {}).items()}
         specs = {}
         for name, field in FIELDS.items():
-            dtype = np.float32 if name in _FLOAT_FIELDS else np.int32
+            dtype = float_dtype if name in _FLOAT_FIELDS else np.int32
             specs[("field", name)] = ((pad[field.dim],) + FIELD_SHAPES.get(name, ()), np.dtype(dtype))
         for name, (dtype, shape) in self.node_labels.items():
             specs[("node_label", name)] = ((pad["node"],) + shape, dtype)
@@ -364,8 +364,13 @@ def collate(
     pad: PadSizes | None = None,
     node_labels: Sequence[Mapping[str, np.ndarray]] | None = None,
     graph_labels: Sequence[Mapping[str, np.ndarray]] | None = None,
+    float_dtype=np.float32,
 ) -> GraphBatch:
     """Concatenates structures with index offsets and pads every dimension.
+
+    Positions and cells are stored as `float_dtype`: float32 for training and
+    float32 inference; float64 for an x64 evaluation that must see exact inputs
+    (symmetry and finite-difference checks, float64 references).
 
     `pad=None` applies the bucket policy; an explicit `pad` that leaves no
     padding slot in some dimension is a `ValueError` naming the dimension.
@@ -385,7 +390,7 @@ def collate(
                 f"entries (structures {ids})"
             )
     layout = BatchLayout(pad, _label_specs(node_labels, "node", structures),
-                         _label_specs(graph_labels, "graph", structures))
+                         _label_specs(graph_labels, "graph", structures), float_dtype=float_dtype)
     out = layout.allocate()
     starts = dict.fromkeys(DIMS, 0)
     for i, s in enumerate(structures):

@@ -144,8 +144,18 @@ class JMPModel:
                                  else f"{name}: {message}") from e
 
     def batch(self, structures: Sequence, graph: GraphConfig | None = None):
-        """Host-side padded batch of a list of structures (bad input: `StructureError`)."""
-        return collate([self.prepare(s, i, graph) for i, s in enumerate(structures)])
+        """Host-side padded batch of a list of structures (bad input: `StructureError`);
+        float64 positions and cells when jax runs in x64."""
+        float_dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
+        return collate([self.prepare(s, i, graph) for i, s in enumerate(structures)], float_dtype=float_dtype)
+
+    def astype(self, dtype) -> "JMPModel":
+        """A copy with every floating variable cast to `dtype` (np.float64 for x64 checks:
+        call it inside `jax.enable_x64(True)`)."""
+        cast = jax.tree_util.tree_map(
+            lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
+            self.variables)
+        return dataclasses.replace(self, variables=cast, _compiled=set())
 
     # ------------------------------------------------------------------ prediction
     def predict(self, structures: Sequence, batch_size: int = 16, forces: bool = True, stress: bool = False,
@@ -190,8 +200,9 @@ class JMPModel:
 
             bar = tqdm(total=len(order), unit="structure", desc="predict")
         try:
+            float_dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
             for chunk in chunks:
-                batch = collate([g for _, g in chunk])
+                batch = collate([g for _, g in chunk], float_dtype=float_dtype)
                 for (i, _), out in zip(chunk, self._predict_batch(module, batch, len(chunk), forces, stress)):
                     results[i] = out
                 if bar is not None:
