@@ -324,6 +324,11 @@ def load(path, graph: GraphConfig | None = None) -> JMPModel:
                               tie_break="jmp"),
             natoms_max_neighbors=tuple(tuple(x) for x in g.get("natoms_max_neighbors", ())),
             pbc=None if g.get("pbc", True) else False)
+    elif meta.get("tasks"):  # our pre-training export: the tasks' graph settings, when they agree
+        settings = {(float(t["graph"]["cutoff"]), int(t["graph"]["max_neighbors"])) for t in meta["tasks"].values()}
+        if len(settings) == 1:
+            cutoff, k = settings.pop()
+            model = dataclasses.replace(model, graph=GraphConfig(cutoff=cutoff, max_neighbors=k, tie_break="jmp"))
     if graph is not None:
         model = dataclasses.replace(model, graph=graph)
     return model

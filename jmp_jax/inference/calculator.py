@@ -23,6 +23,8 @@ a structure's graph sizes cross a bucket boundary.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
@@ -58,6 +60,12 @@ class JMPCalculator(Calculator):
                 raise ValueError(f"task index {task} out of range: the model has {len(names)} heads")
             name = names[self.task_index]
             stored = (model.meta.get("tasks") or {}).get(name)
+            if stored and self.graph is None:  # the graph settings this head was trained with
+                g = stored["graph"]
+                self.graph = GraphConfig(cutoff=float(g["cutoff"]), max_neighbors=int(g["max_neighbors"]),
+                                         tie_break="jmp")
+                if not g.get("pbc", True):
+                    self.model = dataclasses.replace(model, pbc=False)
             if denormalize and stored:
                 self.scale = (float(stored["energy_std"]), float(stored["force_std"]))
                 self.shift = float(stored.get("energy_mean") or 0.0)
