@@ -321,7 +321,7 @@ def export_model(out: Path, recipe: FinetuneRecipe, run: Run, variables) -> Path
                    "mean": float(s.mean), "std": float(s.std),
                    "force_std": None if s.force_std is None else float(s.force_std),
                    "element_reference": None if s.element_reference is None else list(map(float, s.element_reference))},
-        "graph": {"cutoff": float(s.cutoff), "max_neighbors": int(s.max_neighbors), "pbc": bool(s.pbc),
+        "graph": {**model_dir.graph_meta(recipe.sources["train"].graph), "pbc": bool(s.pbc),
                   "natoms_max_neighbors": [list(x) for x in s.natoms_max_neighbors]},
         "source": f"fine-tuned from {recipe.config.init}",
     }

@@ -303,6 +303,14 @@ def _program(module, path: str, kmax):
     return jax.jit(lambda variables, batch: module.apply(variables, batch, kmax))
 
 
+def _stored_graph(g: dict) -> GraphConfig:
+    """The graph settings a model was trained with (model.json "graph"). Our training
+    builds graphs with the default tie-break ("stable"); converted JMP checkpoints have
+    no stored graph and use JMP's own ("jmp", `JMPModel.graph`'s default)."""
+    return GraphConfig(cutoff=float(g["cutoff"]), max_neighbors=int(g["max_neighbors"]),
+                       qint_tags=tuple(g.get("qint_tags", (1, 2))), tie_break=g.get("tie_break", "stable"))
+
+
 def load(path, graph: GraphConfig | None = None) -> JMPModel:
     """Reads a model directory (`jmp_jax.inference.model_dir`): a converted checkpoint,
     a pre-training export or a fine-tuned model. Only arrays and JSON are read: nothing
@@ -320,15 +328,13 @@ def load(path, graph: GraphConfig | None = None) -> JMPModel:
         g = meta["graph"]
         model = dataclasses.replace(
             model, head=meta["head"], target=meta["target"],
-            graph=GraphConfig(cutoff=float(g.get("cutoff", 12.0)), max_neighbors=int(g.get("max_neighbors", 30)),
-                              tie_break="jmp"),
+            graph=_stored_graph(g),
             natoms_max_neighbors=tuple(tuple(x) for x in g.get("natoms_max_neighbors", ())),
             pbc=None if g.get("pbc", True) else False)
     elif meta.get("tasks"):  # our pre-training export: the tasks' graph settings, when they agree
-        settings = {(float(t["graph"]["cutoff"]), int(t["graph"]["max_neighbors"])) for t in meta["tasks"].values()}
+        settings = {_stored_graph(t["graph"]) for t in meta["tasks"].values()}
         if len(settings) == 1:
-            cutoff, k = settings.pop()
-            model = dataclasses.replace(model, graph=GraphConfig(cutoff=cutoff, max_neighbors=k, tie_break="jmp"))
+            model = dataclasses.replace(model, graph=settings.pop())
     if graph is not None:
         model = dataclasses.replace(model, graph=graph)
     return model

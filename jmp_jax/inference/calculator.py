@@ -31,7 +31,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from jmp_jax.constants import PRETRAIN_NORMALIZATION as _RELEASED
 from jmp_jax.graphs.build import GraphConfig
-from jmp_jax.inference.api import JMPModel
+from jmp_jax.inference.api import JMPModel, _stored_graph
 
 # (energy std eV, force std eV/Å) per task of JMP's released pre-training config.
 PRETRAIN_NORMALIZATION = {task: (e, f) for task, (e, f, _) in _RELEASED.items()}
@@ -62,8 +62,7 @@ class JMPCalculator(Calculator):
             stored = (model.meta.get("tasks") or {}).get(name)
             if stored and self.graph is None:  # the graph settings this head was trained with
                 g = stored["graph"]
-                self.graph = GraphConfig(cutoff=float(g["cutoff"]), max_neighbors=int(g["max_neighbors"]),
-                                         tie_break="jmp")
+                self.graph = _stored_graph(g)
                 if not g.get("pbc", True):
                     self.model = dataclasses.replace(model, pbc=False)
             if denormalize and stored:

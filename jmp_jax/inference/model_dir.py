@@ -21,7 +21,10 @@ Keys of model.json by kind (all kinds: format, format_version, kind, config (a
   backbone   (embedding + backbone only)
   finetune   head {kind, reduction, num_classes, dropout}, target {benchmark, target,
              fold, metric, unit, unit_scale, data_unit, mean, std, force_std,
-             element_reference}, graph {cutoff, max_neighbors, pbc, natoms_max_neighbors}
+             element_reference}, graph {cutoff, max_neighbors, qint_tags, tie_break, pbc,
+             natoms_max_neighbors}
+(pretrain "tasks" {name: {energy_mean, energy_std, force_std, linear_reference, graph}} when
+the exporting run knew its tasks; a graph without tie_break was built with "stable")
 
 Loading reads JSON and arrays only: nothing stored in a directory is executed. A
 directory of another format version is a clear error, never a silent misreading.
@@ -184,10 +187,15 @@ def pretraining_meta(config, source: str, ema: bool, tasks=None) -> dict:
                 "force_std": float(t.spec.force_std),
                 "linear_reference": None if t.val.linear_reference is None
                 else [float(x) for x in np.asarray(t.val.linear_reference, np.float64)],
-                "graph": {"cutoff": float(t.val.graph.cutoff), "max_neighbors": int(t.val.graph.max_neighbors),
-                          "pbc": t.val.pbc is not False},
+                "graph": {**graph_meta(t.val.graph), "pbc": t.val.pbc is not False},
             } for t in tasks}
     return meta
+
+
+def graph_meta(graph) -> dict:
+    """model.json form of a `GraphConfig` (the settings a model was trained with)."""
+    return {"cutoff": float(graph.cutoff), "max_neighbors": int(graph.max_neighbors),
+            "qint_tags": [int(t) for t in graph.qint_tags], "tie_break": str(graph.tie_break)}
 
 
 def _check_meta(meta: dict, where: str) -> None:
