@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -17,7 +19,7 @@ import pytest
 from jmp_jax.train import pretrain
 from jmp_jax.train.checkpoint import Checkpointer
 from jmp_jax.train.metrics import read_csv
-from tests.train.common import get_config, run_main, start_main
+from tests.train.common import ROOT, env, get_config, run_main, start_main
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +118,23 @@ def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path):
     with_params = _validation(workdir, final["params"], final["constants"])
     assert {k: float(v) for k, v in with_ema.items()} == logged
     assert with_params["loss"] != pytest.approx(logged["loss"], rel=1e-4)
+
+    # The finished run exported its final EMA weights as WORKDIR/model, and
+    # `python -m jmp_jax.export` writes the same model from the checkpoint; both open
+    # with `load` and carry each task's normaliser and graph settings.
+    from jmp_jax.inference import load, model_dir
+
+    exported = workdir / "model"
+    meta, variables = model_dir.load(exported)
+    assert meta["kind"] == "pretrain" and meta["ema"] and meta["task_names"] == list(get_config(**STEPS).task_names)
+    assert set(meta["tasks"]) == set(meta["task_names"])
+    _assert_identical(variables["params"], final["ema"], "exported EMA")
+    _assert_identical(variables["constants"], final["constants"], "exported constants")
+    done = subprocess.run([sys.executable, "-m", "jmp_jax.export", f"--workdir={workdir}",
+                           f"--out={tmp_path / 'again'}"], capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again_meta, again = model_dir.load(tmp_path / "again")
+    _assert_identical(again, variables, "jmp_jax.export")
+    assert {k: v for k, v in again_meta.items() if k != "source"} == {k: v for k, v in meta.items() if k != "source"}
+    model = load(exported)
+    assert model.graph.cutoff == meta["tasks"]["oc20"]["graph"]["cutoff"]
