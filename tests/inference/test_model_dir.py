@@ -134,3 +134,18 @@ def test_stress_needs_a_periodic_cell():
     with pytest.raises(ValueError, match="errors must be one of"):
         model.predict([molecule("H2O")], errors="ignore")
     assert GRAPH.cutoff == 6.0
+
+
+def test_the_cell_of_a_non_periodic_axis_does_not_matter():
+    """A slab periodic in x, y only: its cell along z (none at all, shorter than the
+    cutoff, or generous vacuum) changes nothing: no images are made along z."""
+    model = load(DEMO_MODEL)
+    slab = fcc111("Cu", (2, 2, 3))  # ASE's slab without vacuum: a zero cell vector along z
+    slab.pbc = (True, True, False)
+    short, wide = slab.copy(), slab.copy()
+    short.cell[2] = [0.0, 0.0, 1.0]
+    wide.cell[2] = [0.0, 0.0, 40.0]
+    out = model.predict([slab, short, wide], graph=GRAPH)
+    for other in out[1:]:
+        np.testing.assert_array_equal(other["energy"], out[0]["energy"])
+        np.testing.assert_array_equal(other["forces"], out[0]["forces"])
