@@ -79,7 +79,7 @@ def measure(args) -> dict:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT))
-    from train_step import batch_of
+    from train_step import batch_of, time_steps
 
     from jmp_jax.constants import MESH_AXIS, model_preset
     from jmp_jax.data.pipeline import shard_batches
@@ -127,15 +127,7 @@ def measure(args) -> dict:
         if not args.compile_only and (not shard or args.shard_params):
             if state is None:
                 state = jax.device_get(jax.jit(init)(key, batch))
-            live = place(state, shardings)
-            live, m = compiled(live, global_batch)  # warm-up
-            jax.block_until_ready(m)
-            times = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                live, m = compiled(live, global_batch)
-                jax.block_until_ready(m)
-                times.append(time.perf_counter() - t0)
+            _, m, times = time_steps(compiled, place(state, shardings), global_batch, args.steps)
             step_s = statistics.median(times)
             entry.update(step_s=step_s, per_batch_s=step_s / n,
                          structures_per_s=result["structures"] / step_s, loss=float(m["loss"]))

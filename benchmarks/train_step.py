@@ -170,14 +170,7 @@ def run(args) -> dict:
     if args.useful_flops:
         result["useful_flops"] = model_flops(args, padded=False)
     if not args.analyze_only:
-        state, m = compiled(state, device_batch)
-        jax.block_until_ready(m)
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, m = compiled(state, device_batch)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
+        state, m, times = time_steps(compiled, state, device_batch, args.steps)
         step_s = statistics.median(times)
         useful = result.get("useful_flops", result["flops"])
         peak = args.peak_tflops or peak_tflops(device.device_kind, args.dtype)
@@ -185,6 +178,19 @@ def run(args) -> dict:
                       tflops_per_s=result["flops"] / step_s / 1e12, loss=float(m["loss"]),
                       mfu=(useful / step_s / (peak * 1e12)) if peak else None)
     return result
+
+
+def time_steps(compiled, state, batch, steps: int):
+    """One warm-up step, then `steps` timed ones: (state, last metrics, seconds per step)."""
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return state, m, times
 
 
 def human(r: dict) -> str:
