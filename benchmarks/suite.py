@@ -9,7 +9,9 @@ Rows: the bf16 pre-training train step of JMP-S and JMP-L on 4 OC20-size slabs
 and on 32 ANI-size molecules (step time, structures/s, TFLOP/s, MFU, compiled
 temp memory, compile time); bf16 vs fp32 on the parity systems; host graph
 building per structure; the loader's delivered / consumed ratio at the measured
-JMP-S step times; weak scaling over the local devices when there are several.
+JMP-S step times; inference throughput (`predict` structures/s, MD steps/s of a
+100- and a 1,000-atom system, compile counts); weak scaling over the local devices
+when there are several.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main(argv=None):
     parity = run("bf16_parity", ["benchmarks/bf16_parity.py", "--configs", "tiny,jmp_s" if args.quick else
                                  "tiny,jmp_s,jmp_l", "--json"], out, timeout=240)
     graphs = run("graphs", ["benchmarks/graphs.py", "--repeats", "5", "--json"], out, timeout=120)
+    inference = run("inference", ["benchmarks/inference.py", "--json", *(["--quick"] if args.quick else [])], out,
+                    timeout=420)
     pipeline = {}
     for model, data, count, r in step_rows:
         if model == models[0] and r and r.get("step_s"):
@@ -107,6 +111,14 @@ def main(argv=None):
         for row in graphs["cases"]:
             if row.get("backend") == "vesin" and row.get("tie_break") == "stable":
                 print(f"  {row['case']:28s} {row['ms_per_structure']:8.2f}")
+    if inference:
+        print("\ninference (shipped demo models; benchmarks/inference.py)")
+        for row in inference["predict"]:
+            print(f"  predict {row['model']:24s} batch {row['batch_size']:3d}: {row['structures_per_s']:8.1f} "
+                  f"structures/s warm, first call {row['first_call_s']:.1f} s, {row['compile_count']} programs")
+        for row in inference["md"]:
+            print(f"  MD {row['system']:12s} {row['atoms']:5d} atoms: {row['steps_per_s']:8.2f} steps/s, "
+                  f"programs {row['compile_count_after_warmup']} after warm-up / {row['compile_count']} at the end")
     for data, r in pipeline.items():
         if r:
             for row in r.get("cases", []):
