@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmp_jax.data.batch import collate
+from jmp_jax.data.batch import RANK_FIELDS, PadSizes, bucket_size, collate, totals
+from jmp_jax.data.pipeline import row_maxima
+from jmp_jax.graphs.build import DIMS
 from jmp_jax.graphs.build import GraphConfig, build_graphs
 from jmp_jax.graphs.structure import Structure
 from jmp_jax.inference import model_dir
-from jmp_jax.models.bases import aggregation_sizes
+from jmp_jax.models.bases import AggregationSizes
 from jmp_jax.models.config import GemNetOCConfig
 
 ERRORS = ("raise", "skip")
@@ -70,6 +72,7 @@ class JMPModel:
     pbc: bool | None = None  # None: each structure's own pbc; False: free molecules (as in training)
     meta: dict = dataclasses.field(default_factory=dict)  # model.json as read
     _compiled: set = dataclasses.field(default_factory=set, repr=False, compare=False)
+    _shapes: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     # ------------------------------------------------------------------ what the model is
     @property
@@ -155,7 +158,7 @@ class JMPModel:
         cast = jax.tree_util.tree_map(
             lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
             self.variables)
-        return dataclasses.replace(self, variables=cast, _compiled=set())
+        return dataclasses.replace(self, variables=cast, _compiled=set(), _shapes=[])
 
     # ------------------------------------------------------------------ prediction
     def predict(self, structures: Sequence, batch_size: int = 16, forces: bool = True, stress: bool = False,
@@ -201,9 +204,11 @@ class JMPModel:
             bar = tqdm(total=len(order), unit="structure", desc="predict")
         try:
             float_dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
-            for chunk in chunks:
-                batch = collate([g for _, g in chunk], float_dtype=float_dtype)
-                for (i, _), out in zip(chunk, self._predict_batch(module, batch, len(chunk), forces, stress)):
+            shapes = self._plan_shapes([[g for _, g in chunk] for chunk in chunks])
+            for chunk, (pad, kmax) in zip(chunks, shapes):
+                batch = collate([g for _, g in chunk], pad=pad, float_dtype=float_dtype)
+                out_chunk = self._predict_batch(module, batch, kmax, len(chunk), forces, stress)
+                for (i, _), out in zip(chunk, out_chunk):
                     results[i] = out
                 if bar is not None:
                     bar.update(len(chunk))
@@ -223,12 +228,33 @@ class JMPModel:
         what = self.target.get("target") if self.target else self.kind
         return f"this model predicts {what!r}, not an energy: it has no stress"
 
+    def _plan_shapes(self, batches: list[list]) -> list[tuple[PadSizes, AggregationSizes]]:
+        """Static shapes (pad sizes, aggregation sizes) of each batch: its own bucketed
+        shapes, or those of a larger batch of this call or of an earlier call when
+        they hold it at most `SHAPE_REUSE` × its own padded size (so a call over
+        many sizes, or an MD run whose graph shrinks and grows, compiles fewer programs).
+        Planned largest first; padding never changes a real result."""
+        own = [_own_shapes(graphs) for graphs in batches]
+        known = list(self._shapes)
+        plan: list = [None] * len(batches)
+        for j in sorted(range(len(batches)), key=lambda j: -_cost(own[j][0])):
+            pad, kmax = own[j]
+            fits = [(p, k) for p, k in known if _holds(p, k, pad, kmax) and _cost(p) <= SHAPE_REUSE * _cost(pad)]
+            if fits:
+                plan[j] = min(fits, key=lambda pk: _cost(pk[0]))
+            else:
+                plan[j] = (pad, kmax)
+                known.append(plan[j])
+        for shape in plan:
+            if shape not in self._shapes:
+                self._shapes.append(shape)
+        return plan
+
     def _run(self, path: str, module, batch, kmax):
         self._compiled.add((path, kmax, _pad_key(batch)))
         return _program(module, path, kmax)(self.variables, batch)
 
-    def _predict_batch(self, module, batch, count: int, with_forces: bool, with_stress: bool) -> list[dict]:
-        kmax = aggregation_sizes(batch)
+    def _predict_batch(self, module, batch, kmax, count: int, with_forces: bool, with_stress: bool) -> list[dict]:
         n_node = np.asarray(batch.graphs.n_node)[:count]
         starts = np.concatenate([[0], np.cumsum(n_node)])
         atoms = [slice(starts[i], starts[i + 1]) for i in range(count)]
@@ -279,6 +305,25 @@ class JMPModel:
                 item["stress"] = virial[i] * scale / volume[i]
             out.append(item)
         return out
+
+
+SHAPE_REUSE = 1.25  # a batch may run in shapes up to this much larger than its own
+
+
+def _own_shapes(graphs) -> tuple[PadSizes, AggregationSizes]:
+    """The bucketed pad sizes and aggregation sizes of a batch of structures' graphs."""
+    pad = PadSizes.bucketed(totals(graphs))
+    most = {k: max(row_maxima(g)[k] for g in graphs) for k in RANK_FIELDS}
+    return pad, AggregationSizes(**{k: bucket_size(v, minimum=1) for k, v in most.items()})
+
+
+def _cost(pad: PadSizes) -> int:
+    return sum(pad[d] for d in DIMS)
+
+
+def _holds(pad: PadSizes, kmax: AggregationSizes, own_pad: PadSizes, own_kmax: AggregationSizes) -> bool:
+    return (all(pad[d] >= own_pad[d] for d in DIMS)
+            and all(a >= b for a, b in zip(kmax, own_kmax)))
 
 
 def _pad_key(batch) -> tuple:
