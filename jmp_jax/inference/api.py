@@ -231,7 +231,7 @@ class JMPModel:
     def _plan_shapes(self, batches: list[list]) -> list[tuple[PadSizes, AggregationSizes]]:
         """Static shapes (pad sizes, aggregation sizes) of each batch: its own bucketed
         shapes, or those of a larger batch of this call or of an earlier call when
-        they hold it at most `SHAPE_REUSE` × its own padded size (so a call over
+        they hold it at most `SHAPE_REUSE` (1.5) × its own padded size (so a call over
         many sizes, or an MD run whose graph shrinks and grows, compiles fewer programs).
         Planned largest first; padding never changes a real result."""
         own = [_own_shapes(graphs) for graphs in batches]
@@ -307,7 +307,7 @@ class JMPModel:
         return out
 
 
-SHAPE_REUSE = 1.25  # a batch may run in shapes up to this much larger than its own
+SHAPE_REUSE = 1.5  # a batch may run in shapes up to this much larger than its own (compiles cost more)
 
 
 def _own_shapes(graphs) -> tuple[PadSizes, AggregationSizes]:

@@ -149,3 +149,23 @@ def test_the_cell_of_a_non_periodic_axis_does_not_matter():
     for other in out[1:]:
         np.testing.assert_array_equal(other["energy"], out[0]["energy"])
         np.testing.assert_array_equal(other["forces"], out[0]["forces"])
+
+
+def test_batches_reuse_larger_shapes_within_the_bound():
+    """Host-side plan of `predict`: every batch runs in shapes that hold it (pad sizes
+    and aggregation sizes), at most SHAPE_REUSE × its own padded size, and mixed sizes
+    share programs (fewer distinct shapes than the batches' own); a later call reuses
+    the shapes of an earlier one."""
+    from jmp_jax.inference.api import SHAPE_REUSE, _cost, _holds, _own_shapes
+
+    model = load(FINETUNED)
+    names = ["CH3CH2OH", "H2O", "CH4", "C6H6", "CH3OH", "C2H6", "NH3", "CH3CHO", "C2H4", "HCOOH"]
+    graphs = sorted((model.prepare(molecule(n), i) for i, n in enumerate(names * 3)), key=lambda g: g.sizes["node"])
+    batches = [graphs[j:j + 4] for j in range(0, len(graphs), 4)]
+    own = [_own_shapes(b) for b in batches]
+    plan = model._plan_shapes(batches)
+    for (pad, kmax), (own_pad, own_kmax) in zip(plan, own):
+        assert _holds(pad, kmax, own_pad, own_kmax) and _cost(pad) <= SHAPE_REUSE * _cost(own_pad)
+    distinct = lambda shapes: len({(p.key(), k) for p, k in shapes})  # noqa: E731
+    assert distinct(plan) < distinct(own)
+    assert model._plan_shapes(batches[:3]) == plan[:3]  # remembered across calls
