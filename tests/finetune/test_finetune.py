@@ -56,12 +56,7 @@ def small_config(spec, path, **overrides):
     config.data.budget_sample = 8
     config.train.num_steps = 1
     config.train.async_checkpoints = False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

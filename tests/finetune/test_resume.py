@@ -75,12 +75,7 @@ def _config(path, arg=None, **overrides):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config() if arg is None else module.get_config(arg)
-    for key, value in overrides.items():
-        *groups, name = key.split(".")
-        node = config
-        for group in groups:
-            node = node[group]
-        node[name] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 
