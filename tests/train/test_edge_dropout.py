@@ -127,7 +127,8 @@ def sums():
                                  capture_intermediates=lambda m, method: m.name == "scale_sum",
                                  mutable=["intermediates"])
         flat = {"/".join(str(getattr(k, "key", k)) for k in path[:-2]): v
-                for path, v in jax.tree_util.tree_leaves_with_path(state["intermediates"])}
+                for path, v in jax.tree_util.tree_leaves_with_path(state["intermediates"])
+                if str(getattr(path[-3], "key", "")) == "scale_sum"}  # not the sown atom embeddings
         return out, flat
 
     results = jax.jit(lambda: {"train": run(boosted, False), "infer": run(boosted, True),
