@@ -55,7 +55,6 @@ class ModelDirError(ValueError):
 def save(out, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
     """Writes `variables` ({"params", "constants"}) and `meta` as a model directory,
     atomically (a temporary sibling renamed into place). Returns the path."""
-    import orbax.checkpoint as ocp
 
     meta = dict(meta)
     _check_meta(meta, where="save")
@@ -65,7 +64,7 @@ def save(out, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     arrays = {"params": _numpy_tree(variables["params"]), "constants": _numpy_tree(variables.get("constants", {}))}
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _local_checkpointer()
     checkpointer.save(tmp / "variables", arrays)
     checkpointer.wait_until_finished()
     body = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
@@ -74,6 +73,18 @@ def save(out, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _local_checkpointer():
+    """An orbax checkpointer that reads / writes from this process alone. A model directory
+    holds host numpy arrays written by one process (process 0 at the end of a multi-host
+    run); orbax's default would wait at a barrier for every process and hang."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
 def is_model_dir(path) -> bool:
@@ -113,12 +124,11 @@ def read_meta(path) -> dict:
 
 def load_variables(path) -> dict:
     """{"params", "constants"} of a model directory, as numpy arrays."""
-    import orbax.checkpoint as ocp
 
     path = Path(path).expanduser().resolve()
     if not (path / "variables").is_dir():
         raise ModelDirError(f"{path}: model directory without variables/ (incomplete copy?)")
-    variables = ocp.StandardCheckpointer().restore(path / "variables")
+    variables = _local_checkpointer().restore(path / "variables")
     return {"params": variables["params"], "constants": variables.get("constants") or {}}
 
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -70,6 +71,12 @@ def test_two_processes_train_and_agree_with_one_process(tmp_path):
     losses = [v for _, v in read_csv(workdir / "logs")["train/loss"]]
     assert len(losses) == steps and np.all(np.isfinite(losses))
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    # Process 0 alone exported the final weights (no cross-process barrier inside the export).
+    from jmp_jax.inference import model_dir
+
+    assert model_dir.read_meta(workdir / "model")["kind"] == "pretrain"
+    assert np.isfinite(sum(float(np.abs(x).sum()) for x in
+                           jax.tree_util.tree_leaves(model_dir.load_variables(workdir / "model"))))
 
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
