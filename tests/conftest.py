@@ -5,10 +5,27 @@ are silently missing. Expected failures (xfail) are not skips."""
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
+import shutil
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for the whole run, in-process and for every
+# subprocess the tests start (they inherit the environment): the same programs are
+# compiled again and again by resumed runs, CLI round trips and fresh jit wrappers of
+# the same model. A hit returns the identical executable, so numbers cannot change.
+# Set before JAX is imported; an existing JAX_COMPILATION_CACHE_DIR is respected.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jmp_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JMP_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
+    atexit.register(lambda: os.environ.get("JMP_JAX_TEST_CACHE_OWNER") == str(os.getpid())
+                    and shutil.rmtree(_cache, ignore_errors=True))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 _SKIPS: list[tuple[str, str]] = []
 
