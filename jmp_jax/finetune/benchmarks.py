@@ -44,7 +44,10 @@ from __future__ import annotations
 
 import dataclasses
 
-BENCHMARKS: tuple[str, ...] = ("qm9", "rmd17", "md22", "spice", "matbench", "qmof")
+BENCHMARKS: tuple[str, ...] = ("qm9", "rmd17", "md22", "spice", "matbench", "qmof")  # JMP's paper
+# Beyond JMP's paper (jmp_training_spec §5.2): OC22's total-energy tasks.
+EXTRA_BENCHMARKS: tuple[str, ...] = ("oc22",)
+ALL_BENCHMARKS: tuple[str, ...] = BENCHMARKS + EXTRA_BENCHMARKS
 NUM_ELEMENT_REFERENCES = 120  # index = Z, 0..119
 MATBENCH_FOLDS = (0, 1, 2, 3, 4)
 PAPER_KEYS = ("jmp_s", "jmp_l", "gn_oc_s", "gn_oc_l")
@@ -57,7 +60,7 @@ class TargetSpec:
     benchmark: str  # "qm9" | "rmd17" | "md22" | "spice" | "matbench" | "qmof"
     target: str  # canonical target name
     fold: int | None  # MatBench fold (0..4), else None
-    kind: str  # "scalar" | "spatial_extent" | "forces" | "classification"
+    kind: str  # "scalar" | "spatial_extent" | "forces" | "classification" | "energy_forces" (energy and forces)
     metric: str  # primary validation metric
     metric_mode: str  # "min" | "max"
     unit: str  # unit the paper reports the MAE in
@@ -87,7 +90,15 @@ class TargetSpec:
     # (the two dicts are left out of the hash, so a spec can be a dict key or a static argument)
     reader_options: dict = dataclasses.field(hash=False)  # options for open_source
     paper: dict = dataclasses.field(hash=False)  # paper test MAE in `unit`, keys from PAPER_KEYS
-
+    # Splits after "train": the first selects the best epoch; results.json reports them all.
+    eval_splits: tuple[str, ...] = ("val", "test")
+    # Splits that must exist (OC22: the rest of eval_splits are reported when present).
+    required_splits: tuple[str, ...] = ("train", "val", "test")
+    energy_coef: float = 0.0  # energy_forces tasks: λ_E (loss_coef is λ_F)
+    # "train": mean / std / force_std (and the linear reference, `reference_from`) come from
+    # the training split at run start instead of the fields above.
+    statistics: str = "fixed"  # "fixed" | "train"
+    reference_from: str | None = None  # "fit" (least squares on train) | a file | None
 
 def k_for_natoms(spec: TargetSpec, natoms: int) -> int:
     """Neighbours per atom for a structure of `natoms` atoms (T: matbench, qmof): the
@@ -331,6 +342,39 @@ _QMOF_ALIASES = {"y": "bandgap", "band_gap": "bandgap"}
 QMOF_NORMALIZATION = (2.1866251527, 1.175752521125648)  # A: QMOF_NORMALIZATION["y"], eV
 _QMOF_PAPER = {"bandgap": (0.25, 0.24, 0.18, 0.16)}  # §3.3, eV: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
 
+# =========================================================================== OC22
+# Not in JMP's paper (jmp_training_spec §5.2; fairchem's OC22 docs). S2EF-Total: DFT total energy
+# and forces of any frame; IS2RE-Total: the relaxed total energy from the initial structure.
+# Total energies are trained after subtracting per-element linear references (OC22's practice),
+# fitted on the training split by least squares or read from a file (`data.linear_reference`);
+# the normaliser (and the force std) come from the referenced training split. Splits: train, then
+# val_id (model selection), val_ood, test_id, test_ood, each reported on its own (meV, meV/Å).
+OC22_TARGETS = ("s2ef_total", "is2re_total")
+_OC22_ALIASES = {"s2ef": "s2ef_total", "is2re": "is2re_total"}
+OC22_SPLITS = ("val_id", "val_ood", "test_id", "test_ood")
+# λ_F: JMP's pre-training coefficient of OC22 (≈ mean atoms per structure, jmp_training_spec §1.5).
+OC22_FORCE_COEF = 80.0
+
+
+def _oc22(target: str) -> TargetSpec:
+    s2ef = target == "s2ef_total"
+    return TargetSpec(
+        benchmark="oc22", target=target, fold=None, kind="energy_forces" if s2ef else "scalar",
+        metric="force_mae" if s2ef else "energy_mae", metric_mode="min",
+        unit="meV/Å" if s2ef else "meV", unit_scale=1000.0, data_unit="eV/Å" if s2ef else "eV",
+        reduction="sum",
+        mean=0.0, std=1.0, force_std=1.0 if s2ef else None,  # replaced by the training split's statistics
+        loss_coef=OC22_FORCE_COEF if s2ef else 1.0, direct_forces=False,
+        element_reference=None, **_NO_CLASSES,
+        cutoff=12.0, max_neighbors=30, natoms_max_neighbors=(), pbc=True,  # JMP's OC22 pre-training graph
+        batch_size=8 if s2ef else 16, precision="fp32",
+        plateau_patience=3, early_stop_patience=10, min_lr_stop=1e-8, max_epochs=20 if s2ef else 100,
+        reader="oc22", reader_options={}, paper={},
+        eval_splits=OC22_SPLITS, required_splits=("train", "val_id"),
+        energy_coef=1.0 if s2ef else 0.0, statistics="train", reference_from="fit",
+    )  # fmt: skip
+
+
 # =========================================================================== registry
 _TARGETS = {
     "qm9": QM9_TARGETS,
@@ -339,6 +383,7 @@ _TARGETS = {
     "spice": SPICE_SUBSETS,
     "matbench": MATBENCH_TASKS,
     "qmof": QMOF_TARGETS,
+    "oc22": OC22_TARGETS,
 }
 _ALIASES = {
     "qm9": _QM9_ALIASES,
@@ -347,6 +392,7 @@ _ALIASES = {
     "spice": _SPICE_ALIASES,
     "matbench": {},
     "qmof": _QMOF_ALIASES,
+    "oc22": _OC22_ALIASES,
 }
 
 
@@ -370,7 +416,7 @@ _LOOKUP = _lookup_tables()
 
 def _benchmark(benchmark: str) -> str:
     if not isinstance(benchmark, str) or _key(benchmark) not in _TARGETS:
-        raise ValueError(f"unknown fine-tuning benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+        raise ValueError(f"unknown fine-tuning benchmark {benchmark!r}; known: {', '.join(ALL_BENCHMARKS)}")
     return _key(benchmark)
 
 
@@ -517,6 +563,8 @@ def target_spec(benchmark: str, target: str, fold: int | None = None) -> TargetS
         return _qm9(target)
     if benchmark in ("rmd17", "md22", "spice"):
         return _forces(benchmark, target)
+    if benchmark == "oc22":
+        return _oc22(target)
     return _qmof(target)
 
 

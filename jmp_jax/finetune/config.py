@@ -44,7 +44,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jmp_jax.constants import preset_name
-from jmp_jax.finetune.benchmarks import BENCHMARKS, TargetSpec, spec_label, target_spec
+from jmp_jax.finetune.benchmarks import ALL_BENCHMARKS, TargetSpec, spec_label, target_spec
 
 DEFAULT_SIZE = "jmp_l"
 REDUCTIONS = ("sum", "mean", "max")
@@ -61,6 +61,7 @@ _OVERRIDES = {
     ("head", "std"): "std",
     ("head", "force_std"): "force_std",
     ("head", "loss_coef"): "loss_coef",
+    ("head", "energy_coef"): "energy_coef",
     ("head", "dropout"): "dropout",
     ("optim", "plateau_patience"): "plateau_patience",
     ("train", "max_epochs"): "max_epochs",
@@ -86,8 +87,8 @@ def parse_arg(benchmark: str, arg: str) -> tuple[str, str]:
 
 def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
     """The fine-tuning ConfigDict of ``benchmark:<target>`` (see the module docstring)."""
-    if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown fine-tuning benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+    if benchmark not in ALL_BENCHMARKS:
+        raise ValueError(f"unknown fine-tuning benchmark {benchmark!r}; known: {', '.join(ALL_BENCHMARKS)}")
     target, size = parse_arg(benchmark, arg)
     c = ml_collections.ConfigDict()
     c.name = f"finetune_{benchmark}_{target}_{size}"
@@ -118,6 +119,9 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         "prefetch": 2,
         "budget_sample": 512,  # structures used to size the static batch budget
         "budget_headroom": 1.25,
+        # Per-element energy references of total-energy targets (OC22): "fit" (least squares
+        # on the training split), a file (fairchem .npz "coeff", .npy, .json), or None = the target's
+        "linear_reference": config_dict.placeholder(str),
     })
     c.graph = ml_collections.ConfigDict({
         "cutoff": config_dict.placeholder(float),  # Å
@@ -127,11 +131,24 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         "natoms_max_neighbors": config_dict.placeholder(bool),
     })
     c.head = ml_collections.ConfigDict({
+        # "default": the target's own head; "dmoe": a distributional head (DMoE, jmp_jax.models.dmoe)
+        # for scalar targets and the energy of energy+force tasks (forces = -d E[p] / dx)
+        "kind": "default",
+        "dmoe": ml_collections.ConfigDict({
+            "num_heads": 4,  # K histogram heads with different bin placements
+            "num_bins": 32,  # B bins per head
+            "placement": "quantile",  # "quantile" | "uniform" (edges from the normalised training targets)
+            "sigma": 0.75,  # target Gaussian's std, as a fraction of the local bin width
+            "l1_weight": 1.0,  # λ: loss = ce_weight · CE + λ · |E[p] − y|
+            "ce_weight": 1.0,
+            "margin": 0.05,  # range widened by this fraction of (max − min) on each side
+        }),
         "reduction": config_dict.placeholder(str),  # sum | mean | max
         "mean": config_dict.placeholder(float),  # target normalisation, after per-element referencing
         "std": config_dict.placeholder(float),
         "force_std": config_dict.placeholder(float),  # eV/Å (force tasks)
-        "loss_coef": config_dict.placeholder(float),
+        "loss_coef": config_dict.placeholder(float),  # λ (force tasks: λ_F)
+        "energy_coef": config_dict.placeholder(float),  # λ_E of energy+force tasks
         "dropout": config_dict.placeholder(float),  # before the classification head (mp_is_metal)
     })
     c.optim = ml_collections.ConfigDict({
@@ -206,7 +223,7 @@ def _validate(spec: TargetSpec, changes: dict) -> None:
     if spec.force_std is not None and not spec.force_std > 0:
         bad("force_std", "must be > 0")
     kind = f"({spec.benchmark} {spec.target} is a {spec.kind} task)"
-    if spec.kind != "forces":
+    if spec.kind not in ("forces", "energy_forces"):
         if "force_std" in changes:
             bad("force_std", f"applies to force tasks only {kind}")
         if spec.direct_forces:
@@ -229,6 +246,10 @@ def _validate(spec: TargetSpec, changes: dict) -> None:
         bad("max_neighbors", "must be >= 1")
     if not spec.loss_coef > 0:
         bad("loss_coef", "must be > 0")
+    if spec.kind == "energy_forces" and not spec.energy_coef >= 0:
+        bad("energy_coef", "must be >= 0")
+    if spec.kind != "energy_forces" and "energy_coef" in changes:
+        bad("energy_coef", f"applies to energy+force tasks only {kind}")
     if spec.dropout is not None and not 0.0 <= spec.dropout < 1.0:
         bad("dropout", "must be in [0, 1)")
     if spec.plateau_patience < 0:
@@ -239,3 +260,31 @@ def _validate(spec: TargetSpec, changes: dict) -> None:
         bad("max_epochs", "must be >= 1")
     if spec.min_lr_stop < 0:
         bad("min_lr_stop", "must be >= 0")
+
+
+HEAD_KINDS = ("default", "dmoe")
+
+
+def dmoe_config(config, spec: TargetSpec):
+    """The `jmp_jax.models.dmoe.DMoEConfig` of ``--config.head.kind=dmoe`` (None for the default
+    head); ValueError naming the field for an unknown head kind, a target DMoE does not apply to
+    or a bad DMoE setting."""
+    from jmp_jax.finetune.model import DMOE_KINDS
+    from jmp_jax.models.dmoe import DMoEConfig
+
+    label = spec_label(spec)
+    kind = config.head.get("kind") or "default"
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"{label}: head.kind={kind!r} must be one of {HEAD_KINDS}")
+    if kind == "default":
+        return None
+    if spec.kind not in DMOE_KINDS:
+        raise ValueError(f"{label}: head.kind='dmoe' applies to scalar targets and the energy of energy+force "
+                         f"tasks; {spec.benchmark} {spec.target} is a {spec.kind} task")
+    options = config.head.dmoe.to_dict()
+    try:
+        dmoe = DMoEConfig(**options)
+        dmoe.validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{label}: head.dmoe: {e}") from None
+    return dmoe

@@ -33,9 +33,22 @@ from pathlib import Path
 import numpy as np
 
 from jmp_jax.data.record import Record, RecordError
-from jmp_jax.finetune.benchmarks import BENCHMARKS, TargetSpec, spec_label
+from jmp_jax.finetune.benchmarks import ALL_BENCHMARKS, OC22_SPLITS as SPLITS_OC22, TargetSpec, spec_label
 
 SPLITS = ("train", "val", "test")
+ENERGY = "energy"  # target_key of total-energy targets: `record.energy` (OC22)
+# OC22 exports read with the "ase" reader: <split>.<suffix> files or <split>/ directories of .aselmdb shards.
+_ASE_SUFFIXES = (".aselmdb", ".extxyz", ".xyz", ".traj", ".db")
+
+
+# `--config.data.path=demo`: the embedded demo store of a benchmark (jmp_jax/data/demo; OC22's has
+# train and val (used as val_id): 300 GFN2-xTB-labelled oxide slabs).
+DEMO_STORES = {"oc22": "oc22"}
+
+
+def spec_splits(spec: TargetSpec) -> tuple[str, ...]:
+    """The splits a target uses: "train", then its evaluation splits (the first selects the best epoch)."""
+    return ("train",) + tuple(spec.eval_splits)
 MATBENCH_VALIDATION_FILE = "matbench_v0.1_validation.json"
 _LISTED_SKIPS = 3
 
@@ -44,6 +57,8 @@ def target_key(spec: TargetSpec) -> str | None:
     """The key of the target in ``record.targets`` (None for force tasks: ``record.forces``)."""
     if spec.kind == "forces":
         return None
+    if spec.benchmark == "oc22":
+        return ENERGY
     return spec.target if spec.benchmark == "qm9" else "y"
 
 
@@ -52,6 +67,10 @@ def target_value(spec: TargetSpec, record: Record) -> float:
     key = target_key(spec)
     if key is None:
         raise ValueError(f"{spec_label(spec)}: a force task has no scalar target (use record.forces)")
+    if key == ENERGY:
+        if record.energy is None:
+            raise ValueError(f"{spec_label(spec)}: record {record.id!r} has no energy")
+        return float(record.energy)
     if key not in record.targets:
         raise ValueError(
             f"{spec_label(spec)}: record {record.id!r} has no target {key!r} "
@@ -87,6 +106,9 @@ def expected_input(spec: TargetSpec) -> str:
         + (f", with {MATBENCH_VALIDATION_FILE} beside it" if spec.kind == "classification" else "")
         + " (datasets_spec §5)",
         "qmof": "a directory holding qmof.json and qmof_structure_data.json (datasets_spec §6)",
+        "oc22": "OC22's LMDB release directory (sub-directories train/, val_id/, val_ood/, test_id/, test_ood/ "
+        "of *.lmdb shards; IS2RE LMDBs give the relaxed energy), or a directory of exports per split: "
+        "<split>.aselmdb, <split>.extxyz (.xyz, .traj, .db) or <split>/*.aselmdb (datasets_spec §8, §12)",
     }[spec.benchmark]
     return f"expected {raw}, or a packed store from `python -m jmp_jax.data.ingest`"
 
@@ -108,12 +130,16 @@ def load_splits(
     without its target.
     """
     label = spec_label(spec)
-    limits = {"train": max_train, "val": max_val, "test": max_test}
-    for name, limit in limits.items():
+    for name, limit in {"train": max_train, "val": max_val, "test": max_test}.items():
         if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
             raise ValueError(f"{label}: max_{name} must be an int >= 0 (0 = all), got {limit!r}")
+    # max_val / max_test cap every validation / test split (OC22: val_id and val_ood, ...)
+    limits = {name: max_train if name == "train" else max_val if name.startswith("val") else max_test
+              for name in spec_splits(spec)}
     if path is None or str(path).strip() == "":
         raise ValueError(f"{label}: no data path given (set --config.data.path); {expected_input(spec)}")
+    if str(path) == "demo" and spec.benchmark in DEMO_STORES:  # the embedded demo store
+        path = str(Path(__file__).resolve().parents[1] / "data" / "demo" / DEMO_STORES[spec.benchmark])
     if spec.benchmark == "qm9" and str(path) == "qm9pack":
         splits, skipped, n_skipped = _from_reader(spec, "qm9pack", limits, seed, label)
         where = "the installed qm9pack package"
@@ -142,10 +168,13 @@ def load_splits(
 
 def _check_target(spec: TargetSpec, record: Record, label: str) -> None:
     key = target_key(spec)
-    if key is None:
+    if key is None or spec.kind == "energy_forces":
         if record.forces is None:
-            raise ValueError(f"{label}: record {record.id!r} has no forces (force task)")
-    elif key not in record.targets:
+            raise ValueError(f"{label}: record {record.id!r} has no forces ({spec.kind} task)")
+    if key == ENERGY:
+        if record.energy is None or not np.isfinite(record.energy):
+            raise ValueError(f"{label}: record {record.id!r} has no finite energy (total-energy target)")
+    elif key is not None and key not in record.targets:
         raise ValueError(
             f"{label}: record {record.id!r} has no target {key!r} (it has {sorted(record.targets)})"
         )
@@ -172,23 +201,65 @@ def _matbench_validation_file(path) -> Path | None:
     return None
 
 
-def _from_reader(spec: TargetSpec, path, limits: dict, seed: int, label: str):
+def _open(spec: TargetSpec, path, seed: int):
+    """The reader of `spec` on `path`; OC22 per-split exports go through the "ase" reader."""
     from jmp_jax.data.readers import open_source
 
+    if spec.benchmark == "oc22":
+        exports = _oc22_exports(Path(path))
+        if exports:
+            return open_source("ase", None, splits={k: str(v) for k, v in exports.items()}, dataset="oc22")
+        return open_source("oc22", path)
+    return open_source(spec.reader, path, **_reader_options(spec, path), seed=seed)
+
+
+def _oc22_exports(root: Path) -> dict[str, Path]:
+    """{split: file or directory} of OC22 splits exported as ASE-readable files (empty if none)."""
+    if not root.is_dir():
+        return {}
+    found = {}
+    for split in ("train",) + tuple(SPLITS_OC22):
+        for suffix in _ASE_SUFFIXES:
+            if (root / f"{split}{suffix}").is_file():
+                found[split] = root / f"{split}{suffix}"
+                break
+        else:
+            d = root / split
+            if d.is_dir() and any(d.glob("*.aselmdb")):
+                found[split] = d
+    return found
+
+
+def _present(spec: TargetSpec, available, where, label: str) -> dict[str, str]:
+    """{our split: the reader's / store's split} of the splits `spec` uses that exist; ValueError
+    for a missing required one. A lone "val" stands in for OC22's "val_id" (the demo store)."""
+    available = list(available)
+    names = {}
+    for name in spec_splits(spec):
+        if name in available:
+            names[name] = name
+        elif name == "val_id" and "val" in available:
+            names[name] = "val"
+    missing = [s for s in spec.required_splits if s not in names]
+    if missing:
+        raise ValueError(f"{label}: {where} has no {' / '.join(repr(s) for s in missing)} split "
+                         f"(it has {available}); {label} needs {', '.join(spec.required_splits)}")
+    return names
+
+
+def _from_reader(spec: TargetSpec, path, limits: dict, seed: int, label: str):
     try:
-        source = open_source(spec.reader, path, **_reader_options(spec, path), seed=seed)
+        source = _open(spec, path, seed)
     except (ValueError, OSError) as e:
         raise ValueError(f"{label}: cannot read {path}: {e}; {expected_input(spec)}") from None
     splits, skipped = {}, []
     with source:
-        missing = [s for s in SPLITS if s not in source.splits()]
-        if missing:
-            raise ValueError(f"{label}: {path} gives no {missing} split(s) (it has {list(source.splits())})")
-        for name in SPLITS:
+        names = _present(spec, source.splits(), path, label)
+        for name, split in names.items():
             records = []
             limit = limits[name]
             try:
-                for item in source.records(name):
+                for item in source.records(split):
                     if isinstance(item, RecordError):
                         skipped.append((item.record_id, item.reason))
                         continue
@@ -214,15 +285,13 @@ def _from_store(spec: TargetSpec, root: Path, limits: dict, label: str):
         store = PackedStore(root)
     except (StoreError, OSError, KeyError) as e:
         raise ValueError(f"{label}: cannot open packed store {root}: {e}") from None
-    missing = [s for s in SPLITS if s not in store.splits]
-    if missing:
-        raise ValueError(
-            f"{label}: packed store {root} has no {' / '.join(repr(s) for s in missing)} split "
-            f"(it has {list(store.splits)}); fine-tuning needs train, val and test: ingest all three "
-            f"(python -m jmp_jax.data.ingest --source {spec.reader} ... without --splits)"
-        )
+    try:
+        names = _present(spec, store.splits, f"packed store {root}", label)
+    except ValueError as e:
+        raise ValueError(f"{e}: ingest them (python -m jmp_jax.data.ingest --source {spec.reader} ... "
+                         "without --splits)") from None
     dataset = store.dataset
-    if dataset in BENCHMARKS and dataset != spec.reader:  # the fine-tuning readers are named as benchmarks
+    if dataset in ALL_BENCHMARKS and dataset != spec.reader:  # the fine-tuning readers are named as benchmarks
         raise ValueError(f"{label}: packed store {root} holds {dataset!r} records, not {spec.reader!r}")
     source = store.metadata.get("source") or {}
     options = source.get("options") or {}
@@ -237,14 +306,14 @@ def _from_store(spec: TargetSpec, root: Path, limits: dict, label: str):
                     f"this target needs {key}={wanted[key]!r}"
                 )
     splits, skipped, n_skipped = {}, [], 0
-    for name in SPLITS:
-        reader = store.split(name)
+    for name, split in names.items():
+        reader = store.split(split)
         n = len(reader) if not limits[name] else min(len(reader), limits[name])
         try:
             splits[name] = [reader[i] for i in range(n)]
         except (StoreError, OSError, ValueError) as e:
-            raise ValueError(f"{label}: cannot read packed store {root} split {name!r}: {e}") from None
-        info = store.metadata.get("splits", {}).get(name, {})
+            raise ValueError(f"{label}: cannot read packed store {root} split {split!r}: {e}") from None
+        info = store.metadata.get("splits", {}).get(split, {})
         listed = info.get("skipped_records", [])
         skipped += [(s.get("id"), f"{s.get('reason')} (at ingestion)") for s in listed]
         n_skipped += int(info.get("skipped", 0))
@@ -256,4 +325,5 @@ def _normal(value):
     return text.removeprefix("matbench_").replace("-", "_")
 
 
-__all__ = ["SPLITS", "expected_input", "load_splits", "referenced_target", "target_key", "target_value"]
+__all__ = ["SPLITS", "expected_input", "load_splits", "referenced_target", "spec_splits", "target_key",
+           "target_value"]

@@ -27,6 +27,7 @@ as JMP's ceil(batches / accumulation); the schedule's step boundaries follow it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -41,10 +42,10 @@ from jmp_jax.models.config import execution_options
 from jmp_jax.data.pipeline import GraphSource, local_batch_count
 from jmp_jax.data.sampling import MixtureSampler
 from jmp_jax.finetune import optim as ft_optim
-from jmp_jax.finetune.config import resolve
-from jmp_jax.finetune.data import load_splits, target_key
+from jmp_jax.finetune.config import dmoe_config, resolve
+from jmp_jax.finetune.data import ENERGY, load_splits, referenced_target, target_key
 from jmp_jax.finetune.init import read_pretrained, transplant
-from jmp_jax.finetune.model import FinetuneModel, head_kind
+from jmp_jax.finetune.model import DMOE_EDGES, FinetuneModel, head_kind
 from jmp_jax.finetune.objective import NORMALIZATION, FinetuneObjective, normalization_constants
 from jmp_jax.graphs.build import GraphConfig
 from jmp_jax.train import engine, optim
@@ -74,23 +75,30 @@ class FinetuneRecipe(Recipe):
         self.splits = load_splits(spec, d.path, max_train=int(d.max_train), max_val=int(d.max_val),
                                   max_test=int(d.max_test), seed=int(config.seed),
                                   log=log_fn if primary else (lambda *_: None))
-        for split in ("train", "val"):
+        self.select = spec.eval_splits[0]  # the split that picks the best epoch
+        for split in ("train", self.select):
             if not self.splits[split]:
                 raise ValueError(f"{spec.benchmark} {spec.target}: the {split} split is empty")
+        self.log = log_fn if primary else (lambda *_: None)
         direct = config.model.get("direct_forces")
-        self.direct_forces = bool(spec.direct_forces if direct is None else direct) if spec.kind == "forces" else False
+        forces = spec.kind in ("forces", "energy_forces")
+        self.direct_forces = bool(spec.direct_forces if direct is None else direct) if forces else False
         self.kind = head_kind(spec, self.direct_forces)
+        self.dmoe = dmoe_config(config, spec)
+        self.reference_source = None
+        self.spec = spec = self._train_statistics(spec)
         key = target_key(spec)
-        self.label = None if key is None else f"target.{key}"
+        self.label = None if key is None else ENERGY if key == ENERGY else f"target.{key}"
         graph = GraphConfig(cutoff=float(spec.cutoff), max_neighbors=int(spec.max_neighbors))
-        common = {"pbc": bool(spec.pbc), "targets": () if key is None else (key,),
-                  "target_references": None if spec.element_reference is None or key is None
-                  else {key: np.asarray(spec.element_reference, np.float64)},
+        refs = None if spec.element_reference is None else np.asarray(spec.element_reference, np.float64)
+        common = {"pbc": bool(spec.pbc), "targets": () if key in (None, ENERGY) else (key,),
+                  "target_references": None if refs is None or key in (None, ENERGY) else {key: refs},
+                  "linear_reference": refs if key == ENERGY else None,
                   "natoms_max_neighbors": tuple(tuple(x) for x in spec.natoms_max_neighbors)}
         name = f"{spec.benchmark}/{spec.target}"
-        self.sources = {s: GraphSource(name, self.splits[s], graph, **common) for s in ("train", "val", "test")}
+        self.sources = {s: GraphSource(name, records, graph, **common) for s, records in self.splits.items()}
         self.train_sources = [self.sources["train"]]
-        self.val_sources = [self.sources["val"]]
+        self.val_sources = [self.sources[self.select]]
         self.max_structures = int(d.batch_size or spec.batch_size)
         self.eval_structures = int(d.eval_batch_size or self.max_structures)
         self.schedule = ft_optim.ScheduleConfig(
@@ -109,6 +117,58 @@ class FinetuneRecipe(Recipe):
         self.stop_reason = None
 
     # ------------------------------------------------------------------ data
+    def _train_statistics(self, spec):
+        """`spec` with what comes from the training split: the linear reference of total-energy
+        targets (fitted or read, `data.linear_reference`) and, for `statistics="train"`, the
+        normaliser and force std the config does not set."""
+        config, train = self.config, self.splits["train"]
+        changes = {}
+        setting = config.data.get("linear_reference") or spec.reference_from
+        if target_key(spec) == ENERGY and setting and str(setting).lower() != "none":
+            from jmp_jax.data import linref
+
+            if setting == "fit":
+                ref = linref.fit_linear_reference([r.atomic_numbers for r in train], [r.energy for r in train])
+            else:
+                ref = linref.load_linear_reference(setting)
+            changes["element_reference"] = tuple(float(x) for x in ref.coeffs)
+            self.reference_source = ref.source
+            self.log(f"{spec.benchmark} {spec.target}: linear reference {ref.source}"
+                     + (f"; residual {ref.residual_mean:.4g} ± {ref.residual_std:.4g} eV on the fit data"
+                        if setting == "fit" else ""))
+        elif target_key(spec) == ENERGY and spec.statistics == "train":
+            self.reference_source = "none"
+        if spec.statistics == "train":
+            spec = dataclasses.replace(spec, **changes)
+            y = np.asarray([referenced_target(spec, r) for r in train], np.float64)
+            if config.head.get("mean") is None:
+                changes["mean"] = float(y.mean())
+            if config.head.get("std") is None:
+                changes["std"] = float(y.std()) if y.size > 1 and y.std() > 0 else 1.0
+            if spec.kind == "energy_forces" and config.head.get("force_std") is None:
+                f = np.concatenate([np.asarray(r.forces, np.float64).reshape(-1) for r in train])
+                changes["force_std"] = float(np.sqrt(np.mean(f * f))) if f.size and np.any(f) else 1.0
+            self.log(f"{spec.benchmark} {spec.target}: normaliser from {len(train)} training structures: "
+                     + ", ".join(f"{k} {changes[k]:.6g}" for k in ("mean", "std", "force_std") if k in changes))
+        return dataclasses.replace(spec, **changes) if changes else spec
+
+    def dmoe_edges(self) -> np.ndarray:
+        """DMoE bin edges [K, B+1] from the normalised training targets; logs each split's
+        targets outside the bins' range (the edge bins absorb them)."""
+        from jmp_jax.models import dmoe
+
+        spec = self.spec
+
+        def normalised(records):
+            return (np.asarray([referenced_target(spec, r) for r in records], np.float64) - spec.mean) / spec.std
+
+        edges = dmoe.bin_edges(normalised(self.splits["train"]), self.dmoe)
+        outside = {s: dmoe.count_out_of_range(normalised(r), edges) for s, r in self.splits.items() if s != "train"}
+        self.log(f"DMoE head: {self.dmoe.num_heads} heads x {self.dmoe.num_bins} {self.dmoe.placement} bins on "
+                 f"[{edges[:, 0].min():.4g}, {edges[:, -1].max():.4g}] (normalised target); targets outside the "
+                 f"range (absorbed by the edge bins): " + ", ".join(f"{s} {n}" for s, n in outside.items()))
+        return edges
+
     @property
     def structures_per_batch(self) -> int:
         return self.max_structures
@@ -135,8 +195,12 @@ class FinetuneRecipe(Recipe):
         config, spec = self.config, self.spec
         cfg = self.model_config()
         model = FinetuneModel(cfg, self.kind, reduction=spec.reduction, num_classes=max(spec.num_classes, 2),
-                              dropout=spec.dropout)
+                              dropout=spec.dropout,
+                              dmoe=None if self.dmoe is None else (self.dmoe.num_heads, self.dmoe.num_bins))
         variables = jax.jit(model.init, static_argnums=2)(jax.random.key(config.seed), template, shapes.kmax)
+        if self.dmoe is not None:
+            variables = dict(variables)
+            variables["constants"] = {**variables["constants"], DMOE_EDGES: self.dmoe_edges().astype(np.float32)}
         variables = with_scale_factors(dict(variables), config.model.preset)
         init = str(config.init)
         if init != "scratch":
@@ -162,7 +226,7 @@ class FinetuneRecipe(Recipe):
         per_process = math.ceil(len(self.splits["train"]) / jax.process_count())
         self.steps_per_epoch = max(1, math.ceil(per_process / (shapes.structures_per_batch * batches)))
         num_steps = int(config.train.num_steps) or None
-        objective = FinetuneObjective(model, spec, self.kind, shapes.kmax, self.label)
+        objective = FinetuneObjective(model, spec, self.kind, shapes.kmax, self.label, dmoe=self.dmoe)
         return Parts(model, variables, objective, optimizer, num_steps,
                      gradient_scale=optim.shared_basis_scaling(nb), compute_dtype=compute_dtype(config),
                      set_hyper=ft_optim.set_learning_rates)
@@ -241,14 +305,13 @@ class FinetuneRecipe(Recipe):
         if self.best["step"] is not None:
             best, _ = load_variables(workdir / "best", variables, step=int(self.best["step"]))
             variables = best
-        val = run.evaluate(variables["params"], variables["constants"], [self.sources["val"]])
-        test = (run.evaluate(variables["params"], variables["constants"], [self.sources["test"]])
-                if len(self.splits["test"]) else {})
         s = self.spec
+        evaluated = {split: run.evaluate(variables["params"], variables["constants"], [self.sources[split]])
+                     if split in self.splits and len(self.splits[split]) else {} for split in s.eval_splits}
         results = {
             "benchmark": s.benchmark, "target": s.target, "fold": s.fold, "metric": s.metric, "unit": s.unit,
             "data_unit": s.data_unit, "preset": self.config.model.preset, "init": str(self.config.init),
-            "head": self.kind, "val": val, "test": test,
+            "head": self.kind, "head_kind": "dmoe" if self.dmoe is not None else "default", **evaluated,
             "best": dict(self.best), "epochs": int(state.step) / max(self.steps_per_epoch, 1),
             "steps": int(state.step), "stop_reason": self.stop_reason,
             "checkpoint": "best" if best is not None else "last",
@@ -260,9 +323,13 @@ class FinetuneRecipe(Recipe):
             tmp.write_text(json.dumps(results, indent=1, default=float))
             os.replace(tmp, path)
             metric = "balanced_accuracy" if s.kind == "classification" else "mae"
-            print(f"jmp_jax: {s.benchmark}:{s.target} test {metric} {test.get(metric, float('nan')):.6g} "
-                  f"{'' if metric != 'mae' else s.unit} (val {val.get(metric, float('nan')):.6g}); "
-                  f"results in {path}, model in {workdir / 'model'}", flush=True)
+            unit = "" if metric != "mae" else f" {s.unit}"
+            scores = "; ".join(f"{split} {metric} {evaluated[split][metric]:.6g}{unit}"
+                               + (f" (energy {evaluated[split]['energy_mae_meV']:.6g} meV)"
+                                  if "energy_mae_meV" in evaluated[split] else "")
+                               for split in s.eval_splits if evaluated[split])
+            print(f"jmp_jax: {s.benchmark}:{s.target} {scores}; results in {path}, model in {workdir / 'model'}",
+                  flush=True)
         return results
 
 
@@ -315,12 +382,15 @@ def export_model(out: Path, recipe: FinetuneRecipe, run: Run, variables) -> Path
         "kind": "finetune",
         "config": run.model.config.to_dict(),
         "head": {"kind": recipe.kind, "reduction": s.reduction, "num_classes": max(s.num_classes, 2),
-                 "dropout": s.dropout},
+                 "dropout": s.dropout,
+                 "dmoe": None if recipe.dmoe is None else dataclasses.asdict(recipe.dmoe)},
         "target": {"benchmark": s.benchmark, "target": s.target, "fold": s.fold, "metric": s.metric,
                    "unit": s.unit, "unit_scale": s.unit_scale, "data_unit": s.data_unit,
                    "mean": float(s.mean), "std": float(s.std),
                    "force_std": None if s.force_std is None else float(s.force_std),
-                   "element_reference": None if s.element_reference is None else list(map(float, s.element_reference))},
+                   "element_reference": None if s.element_reference is None else list(map(float, s.element_reference)),
+                   "linear_reference_source": recipe.reference_source,
+                   "label": "energy" if target_key(s) == ENERGY else "target"},
         "graph": {**model_dir.graph_meta(recipe.sources["train"].graph), "pbc": bool(s.pbc),
                   "natoms_max_neighbors": [list(x) for x in s.natoms_max_neighbors]},
         "source": f"fine-tuned from {recipe.config.init}",

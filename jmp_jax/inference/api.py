@@ -36,6 +36,7 @@ from jmp_jax.graphs.structure import Structure
 from jmp_jax.inference import model_dir
 from jmp_jax.models.bases import AggregationSizes
 from jmp_jax.models.config import GemNetOCConfig
+from jmp_jax.models.model import value_of
 
 ERRORS = ("raise", "skip")
 
@@ -87,8 +88,10 @@ class JMPModel:
             from jmp_jax.finetune.model import FinetuneModel
 
             h = self.head
+            dmoe = h.get("dmoe")
             return FinetuneModel(self.config, h["kind"], reduction=h.get("reduction") or "sum",
-                                 num_classes=int(h.get("num_classes") or 2), dropout=h.get("dropout"))
+                                 num_classes=int(h.get("num_classes") or 2), dropout=h.get("dropout"),
+                                 dmoe=None if not dmoe else (int(dmoe["num_heads"]), int(dmoe["num_bins"])))
         raise ValueError(f"predict() needs a pretrain, energy or finetune model, this one is {self.kind!r} "
                          "(backbone models give embeddings: jmp_jax.inference.embeddings)")
 
@@ -97,9 +100,16 @@ class JMPModel:
         """Whether `predict` returns an energy (eV) with conservative forces F = −∂E/∂x."""
         if self.kind == "energy":
             return True
-        return self.kind == "finetune" and (self.head["kind"] == "forces" or (
-            self.head["kind"] == "scalar" and self.target.get("data_unit") == "eV"
-            and self.head.get("reduction") == "sum"))
+        if self.kind != "finetune":
+            return False
+        head = self.head["kind"]
+        return (head == "forces" or (head == "energy_forces" and not self.config.direct_forces) or (
+            head == "scalar" and self.target.get("data_unit") == "eV" and self.head.get("reduction") == "sum"))
+
+    @property
+    def is_distributional(self) -> bool:
+        """Whether the head predicts a distribution (DMoE): `predict` then adds its std and entropy."""
+        return self.kind == "finetune" and bool(self.head.get("dmoe"))
 
     @property
     def compile_count(self) -> int:
@@ -169,7 +179,10 @@ class JMPModel:
         finetune: forces tasks {"energy" (eV, up to a constant: trained on forces only), "forces"};
           direct-force tasks {"forces"}; scalar tasks {"y"} in the target's data unit (references
           added back) plus, for sum-reduced eV targets with `forces`, {"energy", "forces"};
-          classification {"probabilities": [C], "label"}.
+          energy+force tasks (OC22 S2EF-Total) {"energy" (total, eV), "forces"};
+          classification {"probabilities": [C], "label"}. A distributional (DMoE) head adds
+          {"y_std" (the predicted distribution's std, data unit), "entropy" (nats, of the
+          normalised target's mixture)}, and "energy_std" wherever it gives "energy".
         stress=True adds {"stress": [3, 3] eV/Å³} (conservative-force models, periodic structures).
 
         batch_size: structures per padded batch (batches group similar sizes).
@@ -264,6 +277,17 @@ class JMPModel:
         if self.kind == "energy":
             return self._energy_results(module, batch, kmax, atoms, count, 1.0, 0.0, with_stress)
         head, target = self.head["kind"], self.target
+        if head == "energy_forces":
+            mean, std = float(target["mean"]), float(target["std"])
+            offsets = self._offsets(batch, atoms, count)
+            if self.config.direct_forces:
+                out, f = self._run("apply", module, batch, kmax)
+                f = np.asarray(f, np.float64) * float(target.get("force_std") or 1.0)
+                extra = self._distribution(out, std, count)
+                value = np.asarray(value_of(out), np.float64)
+                return [{"energy": value[i] * std + mean + offsets[i], "forces": f[atoms[i]], **extra[i]}
+                        for i in range(count)]
+            return self._energy_results(module, batch, kmax, atoms, count, std, mean, with_stress, offsets)
         if head == "forces":
             scale = float(target.get("force_std") or 1.0)
             return self._energy_results(module, batch, kmax, atoms, count, scale, 0.0, with_stress)
@@ -277,30 +301,53 @@ class JMPModel:
             p /= p.sum(axis=-1, keepdims=True)
             return [{"probabilities": p[i], "label": int(np.argmax(p[i]))} for i in range(count)]
         mean, std = (0.0, 1.0) if head == "spatial_extent" else (float(target["mean"]), float(target["std"]))
-        ref = target.get("element_reference")
-        z = np.asarray(batch.graphs.nodes["atomic_numbers"])
-        offsets = [0.0 if ref is None else float(np.sum(np.asarray(ref, np.float64)[z[atoms[i]]]))
-                   for i in range(count)]
+        offsets = self._offsets(batch, atoms, count)
         if (with_forces or with_stress) and self.gives_energy:
             out = self._energy_results(module, batch, kmax, atoms, count, std, mean, with_stress, offsets)
             for item in out:
                 item["y"] = item["energy"]
+                if "energy_std" in item:
+                    item["y_std"] = item["energy_std"]
             return out
-        pred = np.asarray(self._run("apply", module, batch, kmax), np.float64)
-        return [{"y": pred[i] * std + mean + offsets[i]} for i in range(count)]
+        output = self._run("apply", module, batch, kmax)
+        pred = np.asarray(value_of(output), np.float64)
+        extra = self._distribution(output, std, count, energy=False)
+        return [{"y": pred[i] * std + mean + offsets[i], **extra[i]} for i in range(count)]
+
+    def _offsets(self, batch, atoms, count) -> list[float]:
+        """Σ reference[Z] per structure (per-element references of the target; 0 without)."""
+        ref = self.target.get("element_reference")
+        z = np.asarray(batch.graphs.nodes["atomic_numbers"])
+        return [0.0 if ref is None else float(np.sum(np.asarray(ref, np.float64)[z[atoms[i]]])) for i in range(count)]
+
+    def _distribution(self, output, std: float, count: int, energy: bool = True) -> list[dict]:
+        """Per structure {"y_std" or "energy_std" (× std: data unit), "entropy"} of a DMoE output."""
+        if not isinstance(output, dict):
+            return [{} for _ in range(count)]
+        from jmp_jax.models import dmoe
+        from jmp_jax.finetune.model import DMOE_EDGES
+
+        stats = dmoe.distribution_stats(output["logits"], self.variables["constants"][DMOE_EDGES])
+        spread = np.asarray(stats["std"], np.float64) * std
+        entropy = np.asarray(stats["entropy"], np.float64)
+        key = "energy_std" if energy else "y_std"
+        return [{key: float(spread[i]), "entropy": float(entropy[i])} for i in range(count)]
 
     def _energy_results(self, module, batch, kmax, atoms, count, scale, mean, with_stress, offsets=None):
         """Energy (× scale + mean + offset) and gradient forces (× scale), stress if asked."""
         if with_stress:
-            energy, f, virial = (np.asarray(x, np.float64) for x in self._run("stress", module, batch, kmax))
+            output, f, virial = self._run("stress", module, batch, kmax)
+            virial = np.asarray(virial, np.float64)
             cell = np.asarray(batch.graphs.globals["cell"], np.float64)[:count]
             volume = np.abs(np.linalg.det(cell))
         else:
-            energy, f = (np.asarray(x, np.float64) for x in self._run("forces", module, batch, kmax))
+            output, f = self._run("forces", module, batch, kmax)
+        energy, f = np.asarray(value_of(output), np.float64), np.asarray(f, np.float64)
+        extra = self._distribution(output, scale, count)
         out = []
         for i in range(count):
             item = {"energy": float(energy[i]) * scale + mean + (offsets[i] if offsets else 0.0),
-                    "forces": f[atoms[i]] * scale}
+                    "forces": f[atoms[i]] * scale, **extra[i]}
             if with_stress:
                 item["stress"] = virial[i] * scale / volume[i]
             out.append(item)

@@ -96,5 +96,7 @@ class JMPCalculator(Calculator):
             energy += float(np.sum(self.reference[self.atoms.get_atomic_numbers()]))
         self.results["energy"] = self.results["free_energy"] = energy
         self.results["forces"] = np.asarray(forces, dtype=np.float64) * self.scale[1]
+        if "energy_std" in out:  # a distributional (DMoE) energy head: the predicted std, eV
+            self.results["energy_std"] = float(out["energy_std"])
         if stress:
             self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out["stress"], np.float64))

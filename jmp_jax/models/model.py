@@ -79,8 +79,16 @@ class GemNetOCEnergyForces(nn.Module):
         return EnergyHead(self.config.emb_size_atom, bias=False, name="out_energy")(out, batch)
 
 
+def value_of(output):
+    """The per-structure energy / point prediction [G] of a model output: the output itself,
+    or its "value" entry for heads that return a dict (DMoE: the distribution's expected
+    value, with the "logits" beside it)."""
+    return output["value"] if isinstance(output, dict) else output
+
+
 def energy_and_forces(model: nn.Module, variables, batch, kmax=None, deterministic: bool = True, rngs=None):
-    """(energy [G], forces [N, 3]) with F = −∂(Σ real energies)/∂positions, topology fixed.
+    """(output, forces [N, 3]) with F = −∂(Σ real energies)/∂positions, topology fixed;
+    the energy is `value_of(output)` (the output itself for plain energy heads).
 
     Padding structures do not contribute to the summed energy, so padding atoms get
     zero force."""
@@ -90,7 +98,7 @@ def energy_and_forces(model: nn.Module, variables, batch, kmax=None, determinist
         nodes = dict(batch.graphs.nodes, positions=positions)
         b = batch.replace(graphs=batch.graphs._replace(nodes=nodes))
         energy = model.apply(variables, b, kmax, deterministic, rngs=rngs)
-        return jnp.sum(jnp.where(graph_mask, energy, 0.0)), energy
+        return jnp.sum(jnp.where(graph_mask, value_of(energy), 0.0)), energy
 
     positions = jnp.asarray(batch.graphs.nodes["positions"])
     grad, energy = jax.grad(total, has_aux=True)(positions)
@@ -98,7 +106,8 @@ def energy_and_forces(model: nn.Module, variables, batch, kmax=None, determinist
 
 
 def energy_forces_strain(model: nn.Module, variables, batch, kmax=None, deterministic: bool = True):
-    """(energy [G], forces [N, 3], ∂E/∂ε [G, 3, 3]) at fixed topology, where ε is a
+    """(output, forces [N, 3], ∂E/∂ε [G, 3, 3]) at fixed topology (output as in
+    `energy_and_forces`), where ε is a
     symmetric strain applied to each structure's positions and cell together
     (x → x(1 + ε), C → C(1 + ε)); the stress is (∂E/∂ε) / V (ASE's convention)."""
     graph_mask = jnp.asarray(batch.masks["graph"])
@@ -112,7 +121,7 @@ def energy_forces_strain(model: nn.Module, variables, batch, kmax=None, determin
         globals_ = dict(batch.graphs.globals, cell=cell + jnp.einsum("gki,gij->gkj", cell, sym))
         b = batch.replace(graphs=batch.graphs._replace(nodes=nodes, globals=globals_))
         energy = model.apply(variables, b, kmax, deterministic)
-        return jnp.sum(jnp.where(graph_mask, energy, 0.0)), energy
+        return jnp.sum(jnp.where(graph_mask, value_of(energy), 0.0)), energy
 
     strain = jnp.zeros(cell.shape, positions.dtype)
     (grad_x, grad_strain), energy = jax.grad(total, argnums=(0, 1), has_aux=True)(positions, strain)
