@@ -61,6 +61,7 @@ METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 PARITY = "parity.png"
 CONFUSION = "confusion.png"
+CALIBRATION = "calibration.png"  # distributional (DMoE) heads: |error| vs predicted std
 
 
 class EvaluationError(ValueError):
@@ -72,7 +73,9 @@ def evaluate(model, config, split: str | None = None, out=None, batch_size: int 
              progress: bool = True, plots: bool = True, log=print) -> dict:
     """Evaluates `model` (a model directory path or a loaded `JMPModel`) on `config`'s data.
 
-    split: fine-tuning configs "train" / "val" / "test" (default "test"); pre-training
+    split: fine-tuning configs "train" or one of the target's evaluation splits ("val" /
+      "test", default "test"; OC22 "val_id", "val_ood", "test_id", "test_ood", default
+      "test_id"); pre-training
       configs a store split name (default each task's `val_split`).
     out: output directory (default `<model path>/eval_<split>`); None with a loaded
       model and no path: nothing is written.
@@ -89,11 +92,12 @@ def evaluate(model, config, split: str | None = None, out=None, batch_size: int 
     if int(max_structures) < 0 or int(batch_size) < 0:
         raise EvaluationError("batch_size and max_structures must be >= 0 (0: from the config / all)")
     if "benchmark" in config:
-        result, table, figure = _finetune(model, config, split or "test", int(batch_size), int(max_structures),
-                                          progress, log)
+        result, table, figures = _finetune(model, config, split, int(batch_size), int(max_structures),
+                                           progress, log)
     else:
         result, table, figure = _pretrain(model, config, split, int(batch_size), int(max_structures), progress,
                                           log)
+        figures = {PARITY: figure}
     result["model"] = str(path) if path is not None else model.meta.get("source")
     if out is None and path is not None:
         out = path / f"eval_{result['split']}"
@@ -103,9 +107,11 @@ def evaluate(model, config, split: str | None = None, out=None, batch_size: int 
         files = {"metrics": str(out / METRICS), "predictions": str(out / PREDICTIONS)}
         _write_csv(out / PREDICTIONS, *table)
         if plots:
-            name = CONFUSION if result.get("head") == "classification" else PARITY
-            figure(out / name)
-            files["plot"] = str(out / name)
+            for name, figure in figures.items():
+                figure(out / name)
+            files["plot"] = str(out / next(iter(figures)))
+            if CALIBRATION in figures:
+                files["calibration_plot"] = str(out / CALIBRATION)
         result["files"] = files
         tmp = out / (METRICS + ".tmp")
         tmp.write_text(json.dumps(result, indent=1, default=_json_default))
@@ -130,7 +136,7 @@ def _check_finetune(model, spec, config) -> None:
                               f"--config=configs/finetune/{t.get('benchmark')}.py:{t.get('target')}"
                               + ("" if t.get("fold") is None else f" --config.data.fold={t.get('fold')}"))
     allowed = {"forces": ("forces", "direct_forces"), "scalar": ("scalar",), "spatial_extent": ("spatial_extent",),
-               "classification": ("classification",)}[spec.kind]
+               "classification": ("classification",), "energy_forces": ("energy_forces",)}[spec.kind]
     if model.head["kind"] not in allowed:
         raise EvaluationError(f"{label} is a {spec.kind} target, but the model has a {model.head['kind']!r} head")
     g = model.meta.get("graph") or {}
@@ -148,23 +154,31 @@ def _check_finetune(model, spec, config) -> None:
 def _finetune(model, config, split, batch_size, max_structures, progress, log):
     from jmp_jax.finetune.benchmarks import spec_label
     from jmp_jax.finetune.config import resolve
-    from jmp_jax.finetune.data import SPLITS, load_splits, target_value
+    from jmp_jax.finetune.data import load_splits, spec_splits, target_value
     from jmp_jax.graphs.build import GraphConfig
 
     spec = resolve(config)
     _check_finetune(model, spec, config)
-    if split not in SPLITS:
-        raise EvaluationError(f"{spec_label(spec)}: split {split!r} is not one of {SPLITS}")
+    if model.target.get("element_reference") is not None and spec.reference_from is not None:
+        # total-energy targets: the model's own references (fitted on its training split)
+        spec = dataclasses.replace(spec, element_reference=tuple(model.target["element_reference"]))
+    names = spec_splits(spec)
+    if split is None:
+        split = next((s for s in names if s.startswith("test")), spec.eval_splits[0])
+    if split not in names:
+        raise EvaluationError(f"{spec_label(spec)}: split {split!r} is not one of {names}")
     d = config.data
-    limits = {s: 1 for s in SPLITS}  # the other splits are not used: read as little of them as possible
-    limit = int(d.get(f"max_{split}") or 0)
+    limits = {"train": 1, "val": 1, "test": 1}  # the other splits are not used: read as little of them as possible
+    group = "train" if split == "train" else "val" if split.startswith("val") else "test"
+    limit = int(d.get(f"max_{group}") or 0)
     if max_structures:
         limit = min(limit, max_structures) if limit else max_structures
-    limits[split] = limit
-    records = load_splits(spec, d.path, max_train=limits["train"], max_val=limits["val"], max_test=limits["test"],
-                          seed=int(config.seed), log=log)[split]
+    limits[group] = limit
+    splits = load_splits(spec, d.path, max_train=limits["train"], max_val=limits["val"], max_test=limits["test"],
+                         seed=int(config.seed), log=log)
+    records = splits.get(split) or []
     if not records:
-        raise EvaluationError(f"{spec_label(spec)}: the {split} split is empty")
+        raise EvaluationError(f"{spec_label(spec)}: the {split} split is empty or absent from {d.path}")
     head = model.head["kind"]
     graph = GraphConfig(cutoff=float(spec.cutoff), max_neighbors=int(spec.max_neighbors))  # as the recipe builds
     pbc = np.full(3, bool(spec.pbc))
@@ -172,7 +186,7 @@ def _finetune(model, config, split, batch_size, max_structures, progress, log):
     batch_size = batch_size or int(d.get("eval_batch_size") or d.get("batch_size") or spec.batch_size)
     log(f"jmp_jax.evaluate: {spec_label(spec)} {split}: {len(records)} structures, head {head}, "
         f"batches of {batch_size}")
-    forces = head in ("forces", "direct_forces")
+    forces = head in ("forces", "direct_forces", "energy_forces")
     preds = model.predict(structures, batch_size=batch_size, forces=forces, graph=graph, errors="skip",
                           progress=progress)
     ok = [i for i, p in enumerate(preds) if "error" not in p]
@@ -181,21 +195,22 @@ def _finetune(model, config, split, batch_size, max_structures, progress, log):
         raise EvaluationError(f"{spec_label(spec)}: the model could handle none of the {len(records)} structures "
                               f"(first: {preds[0]['error']})")
     t = model.target
-    coef = float(spec.loss_coef)
+    title = f"{spec_label(spec)} {split}"
     metrics = {"structures": float(len(ok))}
     extra: dict = {}
     counts = {"structures": len(ok), "skipped_structures": skipped,
               "atoms": int(sum(records[i].num_atoms for i in ok))}
+    figures = {}
     if forces:
         force_std = float(t.get("force_std") or 1.0)
+        coef = float(spec.loss_coef)
         target = [np.asarray(records[i].forces, np.float64) for i in ok]
         pred = [np.asarray(preds[i]["forces"], np.float64) for i in ok]
         free = [_free(records[i]) for i in ok]
         diff = np.concatenate([p - y for p, y in zip(pred, target)])
         n_atoms = diff.shape[0]
         force_mae = float(np.mean(np.abs(diff)))
-        metrics[spec.metric] = force_mae
-        metrics["mae"] = force_mae * float(spec.unit_scale)
+        metrics["force_mae"] = force_mae
         metrics["loss"] = coef * float(np.sum(np.linalg.norm(diff / force_std, axis=-1))) / max(n_atoms, 1)
         free_all = np.concatenate(free)
         if not free_all.all():
@@ -206,9 +221,22 @@ def _finetune(model, config, split, batch_size, max_structures, progress, log):
         rows = [(records[i].id, a, c, int(f[a]), y[a, c], p[a, c])
                 for i, y, p, f in zip(ok, target, pred, free) for a in range(y.shape[0]) for c in range(3)]
         table = (["id", "atom", "component", "free", "target", "prediction"], rows)
-        figure = _parity_figure([("force components (eV/Å)", np.concatenate(target).ravel(),
-                                  np.concatenate(pred).ravel(), force_mae)], f"{spec_label(spec)} {split}",
-                                unit=_unit(spec))
+        panels = [("force components (eV/Å)", np.concatenate(target).ravel(), np.concatenate(pred).ravel(),
+                   force_mae)]
+        if head == "energy_forces":  # the energy too: its own panel and CSV columns per structure
+            e_metrics, e_extra, e_table, e_panel, calibration = _scalar(spec, records, preds, ok, t, "energy", title)
+            metrics.update(e_metrics)
+            metrics["loss"] += float(spec.energy_coef) * e_metrics["energy_mae"] / float(t["std"])
+            metrics["energy_mae_meV"] = e_metrics["energy_mae"] * 1000.0
+            metrics["force_mae_meV_per_A"] = force_mae * 1000.0
+            extra.update(e_extra)
+            panels.insert(0, e_panel)
+            figures.update(calibration)
+            table = (e_table[0] + ["forces_mae"], [(*row, float(np.mean(np.abs(pred[k] - target[k]))))
+                                                    for k, row in enumerate(e_table[1])])
+        metrics["mae"] = metrics[spec.metric] * float(spec.unit_scale)
+        figures = {PARITY: _parity_figure(panels, title, unit=_unit(spec) if len(panels) == 1 else None,
+                                          columns=len(panels)), **figures}
     elif head == "classification":
         y = np.array([target_value(spec, records[i]) for i in ok])
         prob = np.stack([np.asarray(preds[i]["probabilities"], np.float64) for i in ok])
@@ -228,23 +256,14 @@ def _finetune(model, config, split, batch_size, max_structures, progress, log):
                      recall=[float(c / n) if n else None for c, n in zip(correct, total)])  # None: class absent
         rows = [(records[i].id, int(label[k]), int(predicted[k]), *prob[k]) for k, i in enumerate(ok)]
         table = (["id", "target", "prediction", *(f"probability_{c}" for c in range(num_classes))], rows)
-        figure = _confusion_figure(confusion, f"{spec_label(spec)} {split}: balanced accuracy "
-                                              f"{metrics['balanced_accuracy']:.4f}")
+        figures = {CONFUSION: _confusion_figure(confusion, f"{title}: balanced accuracy "
+                                                           f"{metrics['balanced_accuracy']:.4f}")}
     else:
-        std = 1.0 if head == "spatial_extent" else float(t["std"])
-        y = np.array([target_value(spec, records[i]) for i in ok], np.float64)
-        p = np.array([float(preds[i]["y"]) for i in ok], np.float64)
-        err = p - y
-        mae = float(np.mean(np.abs(err)))
-        metrics[spec.metric] = mae
-        metrics["mae"] = mae * float(spec.unit_scale)
-        metrics["loss"] = coef * float(np.mean(np.abs(err) / std))
-        rmse = float(np.sqrt(np.mean(err ** 2)))
-        extra.update(rmse=rmse, rmse_unit=rmse * float(spec.unit_scale), max_abs_error=float(np.max(np.abs(err))))
-        rows = [(records[i].id, y[k], p[k]) for k, i in enumerate(ok)]
-        table = (["id", "target", "prediction"], rows)
-        figure = _parity_figure([(f"{spec.target} ({spec.data_unit})", y, p, mae)], f"{spec_label(spec)} {split}",
-                                unit=_unit(spec))
+        s_metrics, s_extra, table, panel, calibration = _scalar(spec, records, preds, ok, t, spec.metric, title)
+        metrics.update(s_metrics)
+        metrics["mae"] = metrics[spec.metric] * float(spec.unit_scale)
+        extra.update(s_extra)
+        figures = {PARITY: _parity_figure([panel], title, unit=_unit(spec)), **calibration}
     metrics["skipped_structures"] = skipped
     result = {
         "kind": "finetune", "benchmark": spec.benchmark, "target": spec.target, "fold": spec.fold,
@@ -255,13 +274,93 @@ def _finetune(model, config, split, batch_size, max_structures, progress, log):
                   "tie_break": graph.tie_break},
         "metrics": metrics, "extra": extra, "counts": counts,
     }
+    if model.is_distributional:
+        result["head_kind"] = "dmoe"
     if skipped:
         result["skipped"] = [{"id": records[i].id, "error": preds[i]["error"]} for i in range(len(records))
                              if "error" in preds[i]][:20]
-    return result, table, figure
+    return result, table, figures
 
 
-# ---------------------------------------------------------------------- pre-training models
+def _scalar(spec, records, preds, ok, t, metric, title):
+    """Metrics, extra, CSV table, parity panel and ({CALIBRATION: writer} for DMoE) of a per-structure
+    scalar: the target ("y") or, for energy+force tasks, the total energy ("energy")."""
+    from jmp_jax.finetune.data import target_value
+
+    key = "energy" if metric == "energy" else "y"
+    name = "energy_mae" if key == "energy" else metric
+    std = 1.0 if t.get("std") is None or spec.kind == "spatial_extent" else float(t["std"])
+    coef = float(spec.energy_coef if key == "energy" else spec.loss_coef)
+    y = np.array([target_value(spec, records[i]) for i in ok], np.float64)
+    p = np.array([float(preds[i][key]) for i in ok], np.float64)
+    err = p - y
+    mae = float(np.mean(np.abs(err)))
+    metrics = {name: mae}
+    if key == "y":
+        metrics["loss"] = coef * float(np.mean(np.abs(err) / std))
+    rmse = float(np.sqrt(np.mean(err ** 2)))
+    prefix = "energy_" if key == "energy" else ""
+    scale = 1000.0 if key == "energy" else float(spec.unit_scale)
+    extra = {f"{prefix}rmse": rmse, f"{prefix}rmse_unit": rmse * scale, f"{prefix}max_abs_error": float(np.max(np.abs(err)))}
+    header = ["id", "target", "prediction"]
+    rows = [(records[i].id, y[k], p[k]) for k, i in enumerate(ok)]
+    calibration = {}
+    if f"{key}_std" in preds[ok[0]]:  # a distributional head: calibration of its predicted spread
+        sd = np.array([preds[i][f"{key}_std"] for i in ok], np.float64)
+        ivs = {level: np.array([preds[i][f"{key}_interval_{level}"] for i in ok], np.float64) for level in (68, 95)}
+        for level, iv in ivs.items():
+            metrics[f"{prefix}coverage_{level}"] = float(np.mean((y >= iv[:, 0]) & (y <= iv[:, 1])))
+        metrics[f"{prefix}mean_std"] = float(np.mean(sd))
+        extra[f"{prefix}error_std_spearman"] = _spearman(np.abs(err), sd)
+        header += ["std", "low_68", "high_68", "low_95", "high_95"]
+        rows = [(*row, sd[k], *ivs[68][k], *ivs[95][k]) for k, row in enumerate(rows)]
+        calibration = {CALIBRATION: _calibration_figure(np.abs(err), sd, metrics[f"{prefix}coverage_68"],
+                                                        metrics[f"{prefix}coverage_95"],
+                                                        f"{title}: {'energy' if key == 'energy' else spec.target} "
+                                                        f"({'eV' if key == 'energy' else spec.data_unit})")}
+    label = "total energy (eV)" if key == "energy" else f"{spec.target} ({spec.data_unit})"
+    return metrics, extra, (header, rows), (label, y, p, mae), calibration
+
+
+def _spearman(a, b) -> float:
+    """Rank correlation of |error| and predicted std (1: larger std, larger error)."""
+    if a.size < 2:
+        return math.nan
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    c = np.corrcoef(ra, rb)[0, 1]
+    return float(c) if np.isfinite(c) else math.nan
+
+
+def _calibration_figure(abs_err, std, cover68, cover95, title):
+    """|error| against predicted std, binned by predicted std (equal-count bins): each bin's RMS
+    error vs its mean predicted std, with the y = x line a calibrated Gaussian would follow."""
+
+    def write(path):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        order = np.argsort(std)
+        groups = [g for g in np.array_split(order, min(10, max(1, std.size // 5))) if g.size]
+        x = np.array([std[g].mean() for g in groups])
+        rms = np.array([np.sqrt(np.mean(abs_err[g] ** 2)) for g in groups])
+        fig, ax = plt.subplots(figsize=(4.8, 4.4))
+        ax.scatter(std, abs_err, s=5, alpha=0.3, linewidths=0, label="structures: |error|")
+        ax.plot(x, rms, "o-", color="C1", label="binned RMS error")
+        hi = float(max(std.max(), rms.max(), 1e-12))
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8, label="RMS error = std")
+        ax.set_xlabel("predicted std")
+        ax.set_ylabel("|error|")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{title}\ninside central 68 %: {cover68:.2f}, 95 %: {cover95:.2f} (n = {std.size})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    return write
+
+
 def _pretrain(model, config, split, batch_size, max_structures, progress, log):
     from jmp_jax.constants import PRETRAIN_NORMALIZATION
     from jmp_jax.data.store import PackedStore

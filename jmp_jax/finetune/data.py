@@ -153,15 +153,24 @@ def load_splits(
         else:
             splits, skipped, n_skipped = _from_reader(spec, p, limits, seed, label)
             where = str(p)
-    for name, records in splits.items():
-        for record in records:
-            _check_target(spec, record, label)
+    unlabelled = []
+    for name, records in list(splits.items()):
+        try:
+            for record in records:
+                _check_target(spec, record, label)
+        except ValueError as e:
+            if name in spec.required_splits:
+                raise
+            del splits[name]  # an optional evaluation split without labels (e.g. a blind test set)
+            unlabelled.append(f"{name} ({str(e).removeprefix(label + ': ')})")
     counts = ", ".join(f"{name} {len(records)}" for name, records in splits.items())
     line = f"{label}: {counts} records from {where}"
     if n_skipped:
         examples = "; ".join(f"{rid}: {reason}" for rid, reason in skipped[:_LISTED_SKIPS])
         more = f"; ... {n_skipped - _LISTED_SKIPS} more" if n_skipped > _LISTED_SKIPS else ""
         line += f"; skipped {n_skipped} bad record(s) ({examples}{more})"
+    if unlabelled:
+        line += f"; not evaluated, no labels: {'; '.join(unlabelled)}"
     log(line)
     return splits
 

@@ -182,7 +182,9 @@ class JMPModel:
           energy+force tasks (OC22 S2EF-Total) {"energy" (total, eV), "forces"};
           classification {"probabilities": [C], "label"}. A distributional (DMoE) head adds
           {"y_std" (the predicted distribution's std, data unit), "entropy" (nats, of the
-          normalised target's mixture)}, and "energy_std" wherever it gives "energy".
+          normalised target's mixture), "y_interval_68", "y_interval_95" (central intervals,
+          (low, high) in the data unit)}, as "energy_std" / "energy_interval_*" wherever it
+          gives "energy".
         stress=True adds {"stress": [3, 3] eV/Å³} (conservative-force models, periodic structures).
 
         batch_size: structures per padded batch (batches group similar sizes).
@@ -283,7 +285,7 @@ class JMPModel:
             if self.config.direct_forces:
                 out, f = self._run("apply", module, batch, kmax)
                 f = np.asarray(f, np.float64) * float(target.get("force_std") or 1.0)
-                extra = self._distribution(out, std, count)
+                extra = self._distribution(out, std, [mean + o for o in offsets], count)
                 value = np.asarray(value_of(out), np.float64)
                 return [{"energy": value[i] * std + mean + offsets[i], "forces": f[atoms[i]], **extra[i]}
                         for i in range(count)]
@@ -306,12 +308,12 @@ class JMPModel:
             out = self._energy_results(module, batch, kmax, atoms, count, std, mean, with_stress, offsets)
             for item in out:
                 item["y"] = item["energy"]
-                if "energy_std" in item:
-                    item["y_std"] = item["energy_std"]
+                for key in [k for k in item if k.startswith("energy_")]:
+                    item["y" + key[len("energy"):]] = item[key]
             return out
         output = self._run("apply", module, batch, kmax)
         pred = np.asarray(value_of(output), np.float64)
-        extra = self._distribution(output, std, count, energy=False)
+        extra = self._distribution(output, std, [mean + o for o in offsets], count, energy=False)
         return [{"y": pred[i] * std + mean + offsets[i], **extra[i]} for i in range(count)]
 
     def _offsets(self, batch, atoms, count) -> list[float]:
@@ -320,18 +322,27 @@ class JMPModel:
         z = np.asarray(batch.graphs.nodes["atomic_numbers"])
         return [0.0 if ref is None else float(np.sum(np.asarray(ref, np.float64)[z[atoms[i]]])) for i in range(count)]
 
-    def _distribution(self, output, std: float, count: int, energy: bool = True) -> list[dict]:
-        """Per structure {"y_std" or "energy_std" (× std: data unit), "entropy"} of a DMoE output."""
+    def _distribution(self, output, std: float, shift, count: int, energy: bool = True) -> list[dict]:
+        """Per structure, of a DMoE output (data units: × std + shift[i]): "y_std" (or
+        "energy_std"), "entropy" (nats, normalised target) and "y_interval_68" / "y_interval_95"
+        (or "energy_interval_*"): the central 68 % / 95 % intervals of the predicted distribution."""
         if not isinstance(output, dict):
             return [{} for _ in range(count)]
-        from jmp_jax.models import dmoe
         from jmp_jax.finetune.model import DMOE_EDGES
+        from jmp_jax.models import dmoe
 
-        stats = dmoe.distribution_stats(output["logits"], self.variables["constants"][DMOE_EDGES])
+        edges = np.asarray(self.variables["constants"][DMOE_EDGES], np.float64)
+        logits = np.asarray(output["logits"], np.float64)[:count]
+        stats = dmoe.distribution_stats(logits, edges)
         spread = np.asarray(stats["std"], np.float64) * std
         entropy = np.asarray(stats["entropy"], np.float64)
-        key = "energy_std" if energy else "y_std"
-        return [{key: float(spread[i]), "entropy": float(entropy[i])} for i in range(count)]
+        probs = dmoe.probs_np(logits)
+        intervals = {level: dmoe.central_interval_np(probs, edges, level / 100) for level in (68, 95)}
+        name = "energy" if energy else "y"
+        return [{f"{name}_std": float(spread[i]), "entropy": float(entropy[i]),
+                 **{f"{name}_interval_{level}": (float(lo[i]) * std + shift[i], float(hi[i]) * std + shift[i])
+                    for level, (lo, hi) in intervals.items()}}
+                for i in range(count)]
 
     def _energy_results(self, module, batch, kmax, atoms, count, scale, mean, with_stress, offsets=None):
         """Energy (× scale + mean + offset) and gradient forces (× scale), stress if asked."""
@@ -343,7 +354,8 @@ class JMPModel:
         else:
             output, f = self._run("forces", module, batch, kmax)
         energy, f = np.asarray(value_of(output), np.float64), np.asarray(f, np.float64)
-        extra = self._distribution(output, scale, count)
+        extra = self._distribution(output, scale, [mean + (offsets[i] if offsets else 0.0) for i in range(count)],
+                                   count)
         out = []
         for i in range(count):
             item = {"energy": float(energy[i]) * scale + mean + (offsets[i] if offsets else 0.0),

@@ -107,6 +107,11 @@ def raw_benchmark_data(tmp_path_factory):
         elif benchmark == "qmof":
             path = root / "qmof"
             write_qmof(path / "qmof_database", n=12)
+        elif benchmark == "oc22":  # OC22's LMDB release layout (train/, val_id/, val_ood/, test_id/, test_ood/)
+            from tests.finetune.oc22_files import write_oc22
+
+            path = root / "oc22" / target
+            write_oc22(path, "lmdb", task="s2ef" if target == "s2ef_total" else "is2re")
         else:
             raise ValueError(f"no raw data writer for {benchmark!r}")
         cache[key] = str(path)

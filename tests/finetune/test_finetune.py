@@ -20,7 +20,8 @@ import pytest
 
 from jmp_jax.data.batch import PadSizes, collate
 from jmp_jax.finetune import optim as ft_optim
-from jmp_jax.finetune.benchmarks import all_target_specs
+from jmp_jax.finetune.benchmarks import all_target_specs, target_spec
+from jmp_jax.finetune.model import DMOE_EDGES
 from jmp_jax.finetune.config import finetune_config
 from jmp_jax.finetune.objective import NORMALIZATION
 from jmp_jax.finetune.recipe import FinetuneRecipe
@@ -95,10 +96,20 @@ def test_every_config_runs_one_training_step(spec, raw_benchmark_data, compile_c
 
 
 # --------------------------------------------------------------------------- heads vs numpy
-def _reference_sums(kind, out, batch, norm, label):
-    """The objective's sums computed in numpy float64 from the same outputs."""
+def _reference_sums(kind, out, batch, norm, label, edges=None):
+    """The objective's sums computed in numpy float64 from the same outputs (DMoE: the
+    distribution's mean, its metrics and, through the separately tested `dmoe.loss_terms`,
+    the loss; `edges` are the model's bin edges)."""
     g = np.asarray(batch.masks["graph"])
     nmask = np.asarray(batch.masks["node"])
+    if kind == "energy_forces":  # forces: −σ ∂Ê/∂x in eV/Å, compared as F / σ_F; energy: L1 with λ_E
+        energy, grad = out
+        f = np.asarray(grad, np.float64)[nmask] * norm["std"] / norm["force_std"]
+        t = np.asarray(batch.graphs.nodes["forces"], np.float64)[nmask] / norm["force_std"]
+        ref = {"loss_sum": norm["coef"] * np.linalg.norm(f - t, axis=-1).sum(),
+               "abs_sum": np.abs(f - t).sum() * norm["force_std"], "components": 3.0 * nmask.sum()}
+        e = _reference_sums("scalar", energy, batch, dict(norm, coef=norm["energy_coef"]), label, edges)
+        return {**ref, **{f"energy_{k}": v for k, v in e.items()}}
     if kind in ("forces", "direct_forces"):
         f = np.asarray(out, np.float64)[nmask]
         t = np.asarray(batch.graphs.nodes["forces"], np.float64)[nmask] / norm["force_std"]
@@ -115,8 +126,25 @@ def _reference_sums(kind, out, batch, norm, label):
         return {"loss_sum": float(np.sum(-w * logp[np.arange(len(c)), c])),
                 "class_total": np.bincount(c, minlength=2).astype(float),
                 "class_correct": np.bincount(c[correct], minlength=2).astype(float)}
+    target = (y - norm["mean"]) / norm["std"]
+    if isinstance(out, dict):  # DMoE
+        from jmp_jax.models import dmoe
+
+        probs = dmoe.probs_np(np.asarray(out["logits"], np.float64)[g])
+        centres = 0.5 * (edges[:, 1:] + edges[:, :-1])
+        pred = np.mean(np.sum(probs * centres, axis=-1), axis=-1)
+        np.testing.assert_allclose(np.asarray(out["value"], np.float64)[g], pred, rtol=1e-5, atol=1e-6)
+        cdf = dmoe.mixture_cdf_np(probs, edges, target)
+        err = np.abs(pred - target)
+        with jax.enable_x64(True):
+            terms = dmoe.loss_terms(jnp.asarray(np.asarray(out["logits"], np.float64)[g]), jnp.asarray(target),
+                                    jnp.asarray(edges), dmoe.DMoEConfig(), jnp.ones(g.sum(), bool))
+        return {"loss_sum": norm["coef"] * float(terms["loss_sum"]), "abs_sum": err.sum() * norm["std"],
+                "ce_sum": float(terms["ce_sum"]), "cover68": np.sum(np.abs(cdf - 0.5) <= 0.34),
+                "cover95": np.sum(np.abs(cdf - 0.5) <= 0.475),
+                "out_of_range": np.sum((target < edges[:, 0].min()) | (target > edges[:, -1].max()))}
     pred = np.asarray(out, np.float64)[g]
-    err = np.abs(pred - (y - norm["mean"]) / norm["std"])
+    err = np.abs(pred - target)
     return {"loss_sum": norm["coef"] * err.sum(), "abs_sum": err.sum() * norm["std"]}
 
 
@@ -124,14 +152,17 @@ HEAD_CASES = {
     "scalar": ("qm9", "U_0"), "spatial_extent": ("qm9", "R_2_Abs"), "forces": ("rmd17", "aspirin"),
     "direct_forces": ("md22", "Ac-Ala3-NHMe"), "classification": ("matbench", "mp_is_metal"),
     "max": ("matbench", "phonons"), "mean": ("matbench", "mp_e_form"),
+    "energy_forces": ("oc22", "s2ef_total"), "total_energy": ("oc22", "is2re_total"),
+    "dmoe": ("qm9", "U_0", {"head.kind": "dmoe"}),
+    "dmoe_energy_forces": ("oc22", "s2ef_total", {"head.kind": "dmoe"}),
 }
 
 
 @pytest.mark.parametrize("case", list(HEAD_CASES))
 def test_objective_sums_match_numpy_and_ignore_padding(case, raw_benchmark_data, compile_cache, tmp_path):
-    benchmark, target = HEAD_CASES[case]
-    spec = next(s for s in SPECS if s.benchmark == benchmark and s.target == target)
-    recipe, run = build(spec, raw_benchmark_data(benchmark, target), tmp_path)
+    benchmark, target, *overrides = HEAD_CASES[case]
+    spec = target_spec(benchmark, target)
+    recipe, run = build(spec, raw_benchmark_data(benchmark, target), tmp_path, **(overrides[0] if overrides else {}))
     objective = run.objective
     examples = [engine.make_example(recipe.sources["train"], i) for i in range(3)]
     graphs = [e.graphs for e in examples]
@@ -145,6 +176,11 @@ def test_objective_sums_match_numpy_and_ignore_padding(case, raw_benchmark_data,
         assert norm["class_weights"][1] == pytest.approx(1.342, abs=1e-3)
     results = []
 
+    edges = np.asarray(constants[DMOE_EDGES], np.float64) if DMOE_EDGES in constants else None
+    if overrides:  # DMoE: edges from the normalised training targets, stored in the constants
+        assert edges.shape == (4, 33) and np.all(np.diff(edges, axis=1) > 0)
+        assert run.model.dmoe == (4, 32)
+
     @jax.jit
     def sums_and_outputs(p, c, b):
         out = objective.predict(p, c, b)
@@ -152,7 +188,7 @@ def test_objective_sums_match_numpy_and_ignore_padding(case, raw_benchmark_data,
 
     for batch in (tight, wide):
         sums, out = sums_and_outputs(params, constants, jax.tree.map(jnp.asarray, batch))
-        ref = _reference_sums(recipe.kind, out, batch, norm, recipe.label)
+        ref = _reference_sums(recipe.kind, out, batch, norm, recipe.label, edges)
         for key, value in ref.items():
             np.testing.assert_allclose(np.asarray(sums[key], np.float64), value, rtol=2e-5, atol=1e-6,
                                        err_msg=f"{case}: {key}")
