@@ -122,6 +122,12 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         # Per-element energy references of total-energy targets (OC22): "fit" (least squares
         # on the training split), a file (fairchem .npz "coeff", .npy, .json), or None = the target's
         "linear_reference": config_dict.placeholder(str),
+        # OC22: joint OC20+OC22 training, OC20 S2EF records (an LMDB split directory) added to train;
+        # OC20's adsorption energies become totals with oc20_ref.pkl (or say they are totals already)
+        "joint_oc20": config_dict.placeholder(str),
+        "oc20_ref": config_dict.placeholder(str),
+        "oc20_total_energies": False,
+        "max_joint_oc20": 0,  # > 0: at most this many OC20 records
     })
     c.graph = ml_collections.ConfigDict({
         "cutoff": config_dict.placeholder(float),  # Å

@@ -334,5 +334,45 @@ def _normal(value):
     return text.removeprefix("matbench_").replace("-", "_")
 
 
-__all__ = ["SPLITS", "expected_input", "load_splits", "referenced_target", "spec_splits", "target_key",
+def joint_oc20_records(path, oc20_ref=None, total: bool = False, limit: int = 0, log=print) -> list[Record]:
+    """OC20 S2EF records with DFT total energies, added to OC22's training split for joint
+    OC20+OC22 training (the OC22 paper's "OC20+OC22" models). `path`: an OC20 S2EF LMDB split
+    directory (e.g. s2ef/2M/train). OC20's `y` is an adsorption energy, so `oc20_ref` (OCP's
+    oc20_ref.pkl, "random<sid>" -> reference) is needed to make totals E = y + ref; `total=True`
+    says the LMDBs already hold totals. Records the reader cannot use are skipped and counted."""
+    from jmp_jax.data.readers import open_source
+
+    if oc20_ref is None and not total:
+        raise ValueError("data.joint_oc20: OC20's energies are adsorption energies; give "
+                         "--config.data.oc20_ref=oc20_ref.pkl (totals = y + ref) or "
+                         "--config.data.oc20_total_energies=True if the LMDBs hold total energies")
+    try:
+        source = open_source("oc20", path, oc20_ref=oc20_ref)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"data.joint_oc20: cannot read {path}: {e}") from None
+    records, skipped = [], []
+    with source:
+        for split in source.splits():
+            for item in source.records(split):
+                if isinstance(item, RecordError):
+                    skipped.append(item)
+                    continue
+                if item.energy is None or item.forces is None:
+                    skipped.append(RecordError(item.id, "no energy or forces"))
+                    continue
+                records.append(item)
+                if limit and len(records) >= limit:
+                    break
+            if limit and len(records) >= limit:
+                break
+    if not records:
+        raise ValueError(f"data.joint_oc20: {path} gave no usable OC20 records"
+                         + (f" (first skipped: {skipped[0]})" if skipped else ""))
+    log(f"joint OC20+OC22 training: {len(records)} OC20 records from {path} "
+        f"({'+ oc20_ref' if oc20_ref is not None else 'total energies'})"
+        + (f"; skipped {len(skipped)} ({skipped[0]})" if skipped else ""))
+    return records
+
+
+__all__ = ["SPLITS", "expected_input", "load_splits", "joint_oc20_records", "referenced_target", "spec_splits", "target_key",
            "target_value"]

@@ -43,7 +43,7 @@ from jmp_jax.data.pipeline import GraphSource, local_batch_count
 from jmp_jax.data.sampling import MixtureSampler
 from jmp_jax.finetune import optim as ft_optim
 from jmp_jax.finetune.config import dmoe_config, resolve
-from jmp_jax.finetune.data import ENERGY, load_splits, referenced_target, target_key
+from jmp_jax.finetune.data import ENERGY, joint_oc20_records, load_splits, referenced_target, target_key
 from jmp_jax.finetune.init import read_pretrained, transplant
 from jmp_jax.finetune.model import DMOE_EDGES, FinetuneModel, head_kind
 from jmp_jax.finetune.objective import NORMALIZATION, FinetuneObjective, normalization_constants
@@ -72,9 +72,17 @@ class FinetuneRecipe(Recipe):
         spec = self.spec
         d = config.data
         primary = jax.process_index() == 0
+        if d.get("joint_oc20") and (spec.benchmark, spec.kind) != ("oc22", "energy_forces"):
+            raise ValueError(f"{spec.benchmark} {spec.target}: data.joint_oc20 (OC20 S2EF frames) applies to "
+                             "oc22 s2ef_total only")
         self.splits = load_splits(spec, d.path, max_train=int(d.max_train), max_val=int(d.max_val),
                                   max_test=int(d.max_test), seed=int(config.seed),
                                   log=log_fn if primary else (lambda *_: None))
+        if d.get("joint_oc20"):
+            extra = joint_oc20_records(d.joint_oc20, d.get("oc20_ref"), bool(d.get("oc20_total_energies")),
+                                       int(d.get("max_joint_oc20") or 0),
+                                       log=log_fn if primary else (lambda *_: None))
+            self.splits["train"] = list(self.splits["train"]) + extra
         self.select = spec.eval_splits[0]  # the split that picks the best epoch
         for split in ("train", self.select):
             if not self.splits[split]:

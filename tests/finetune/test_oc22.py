@@ -164,3 +164,41 @@ def test_demo_command_line(tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     assert results["val_id"]["structures"] == 8 and np.isfinite(results["val_id"]["energy_mae"])
     assert all(not results[s] for s in ("val_ood", "test_id", "test_ood"))  # the demo store has none
+
+
+def test_joint_oc20_and_oc22_training_data(tmp_path):
+    """`data.joint_oc20`: OC20 S2EF frames join OC22's training split as total energies
+    (y + oc20_ref[sid]); the linear reference and the normaliser are fitted on the union."""
+    import pickle
+
+    from jmp_jax.finetune.recipe import FinetuneRecipe
+    from tests.data.readers.conftest import oc20_fields, write_pyg_lmdb
+
+    data = tmp_path / "oc22"
+    write_oc22(data, "lmdb", sizes={"train": 12, "val_id": 3})
+    oc20 = write_pyg_lmdb(tmp_path / "oc20" / "train", [[oc20_fields(i, n=5, y=-1.5) for i in range(6)]])
+    refs = {f"random{1000 + i}": -250.0 - i for i in range(6)}
+    (tmp_path / "oc20_ref.pkl").write_bytes(pickle.dumps(refs))
+    config = finetune_config("oc22", "s2ef_total,tiny")
+    config.init = "scratch"
+    config.data.path = str(data)
+    config.data.joint_oc20 = str(oc20)
+    with pytest.raises(ValueError, match="adsorption energies; give --config.data.oc20_ref"):
+        FinetuneRecipe(config, log_fn=_quiet)
+    config.data.oc20_ref = str(tmp_path / "oc20_ref.pkl")
+    lines = []
+    recipe = FinetuneRecipe(config, log_fn=lines.append)
+    train = recipe.splits["train"]
+    assert [r.dataset for r in train].count("oc20") == 6 and len(train) == 18
+    oc20_records = [r for r in train if r.dataset == "oc20"]
+    np.testing.assert_allclose([r.energy for r in oc20_records],
+                               [oc20_fields(i, n=5, y=-1.5)["y"] + refs[f"random{1000 + i}"] for i in range(6)])
+    fit = linref.fit_linear_reference([r.atomic_numbers for r in train], [r.energy for r in train])
+    np.testing.assert_allclose(recipe.spec.element_reference, fit.coeffs, atol=1e-9)
+    assert any("joint OC20+OC22 training: 6 OC20 records" in line for line in lines)
+    config.data.joint_oc20 = None
+    rmd17 = finetune_config("rmd17", "ethanol,tiny")
+    rmd17.data.joint_oc20 = str(oc20)
+    rmd17.init, rmd17.data.path = "scratch", str(data)
+    with pytest.raises(ValueError, match="rmd17 ethanol: data.joint_oc20 .* applies to oc22 s2ef_total only"):
+        FinetuneRecipe(rmd17, log_fn=_quiet)
