@@ -286,7 +286,8 @@ def dmoe_config(config, spec: TargetSpec):
         return None
     if spec.kind not in DMOE_KINDS:
         raise ValueError(f"{label}: head.kind='dmoe' applies to scalar targets and the energy of energy+force "
-                         f"tasks; {spec.benchmark} {spec.target} is a {spec.kind} task")
+                         f"tasks; {spec.benchmark} {spec.target} is a {spec.kind} task (its loss does not "
+                         "train a per-structure value)")
     options = config.head.dmoe.to_dict()
     try:
         dmoe = DMoEConfig(**options)

@@ -13,8 +13,8 @@ Heads by `kind` (the TargetSpec's, plus "direct_forces"):
                   [G] (+ `out_forces` [N, 3] with a direct-force backbone; otherwise forces
                   are −∂E/∂x) -> energy, or (energy, forces).
 
-With `dmoe=(K, B)` (``--config.head.kind=dmoe``; scalar and energy_forces only) the scalar /
-energy head is `jmp_jax.models.dmoe.DMoEHead` "head": K histograms of B bins over the
+With `dmoe=(K, B)` (``--config.head.kind=dmoe``; scalar, spatial_extent and energy_forces) the
+scalar / ⟨R²⟩ / energy head is `jmp_jax.models.dmoe.DMoEHead` "head": K histograms of B bins over the
 normalised target, whose bin edges [K, B+1] are the constant `dmoe_edges` (set from the
 training targets, exported with the model). The value is then a dict {"value": the mixture's
 expected value [G] (the point prediction; gradient forces differentiate it), "logits":
@@ -36,7 +36,7 @@ from jmp_jax.models.heads import ClassificationHead, DirectForceHead, EnergyHead
 from jmp_jax.models.model import _backbone, value_of  # noqa: F401 (value_of: re-exported)
 
 KINDS = ("scalar", "spatial_extent", "classification", "forces", "direct_forces", "energy_forces")
-DMOE_KINDS = ("scalar", "energy_forces")
+DMOE_KINDS = ("scalar", "spatial_extent", "energy_forces")  # spatial_extent: DMoE replaces the ⟨R²⟩ head
 DMOE_EDGES = "dmoe_edges"  # the constants entry holding the bin edges
 
 
@@ -85,7 +85,7 @@ class FinetuneModel(nn.Module):
 
         k, b = self.dmoe
         edges = self.variable("constants", DMOE_EDGES, lambda: jnp.asarray(placeholder_edges(k, b))).value
-        reduction = "sum" if self.kind == "energy_forces" else self.reduction
+        reduction = self.reduction if self.kind == "scalar" else "sum"
         logits = dmoe.DMoEHead(self.config.emb_size_atom, k, b, reduction, name="head")(out, batch, deterministic)
         return {"value": dmoe.distribution_stats(logits, edges)["mean"], "logits": logits}
 

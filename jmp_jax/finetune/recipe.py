@@ -72,6 +72,7 @@ class FinetuneRecipe(Recipe):
         spec = self.spec
         d = config.data
         primary = jax.process_index() == 0
+        self.dmoe = dmoe_config(config, spec)  # a bad head setting fails before any data is read
         if d.get("joint_oc20") and (spec.benchmark, spec.kind) != ("oc22", "energy_forces"):
             raise ValueError(f"{spec.benchmark} {spec.target}: data.joint_oc20 (OC20 S2EF frames) applies to "
                              "oc22 s2ef_total only")
@@ -92,7 +93,6 @@ class FinetuneRecipe(Recipe):
         forces = spec.kind in ("forces", "energy_forces")
         self.direct_forces = bool(spec.direct_forces if direct is None else direct) if forces else False
         self.kind = head_kind(spec, self.direct_forces)
-        self.dmoe = dmoe_config(config, spec)
         self.reference_source = None
         self.spec = spec = self._train_statistics(spec)
         key = target_key(spec)

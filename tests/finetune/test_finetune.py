@@ -331,3 +331,30 @@ def test_dmoe_scalar_model_exports_and_predicts_its_distribution(raw_benchmark_d
         lo68, hi68 = p["y_interval_68"]
         lo95, hi95 = p["y_interval_95"]
         assert lo95 < lo68 < hi68 < hi95 and np.isfinite(p["entropy"])
+
+
+def test_head_kind_is_checked_when_the_config_is_read():
+    from jmp_jax.finetune.config import dmoe_config, finetune_config, resolve
+
+    def config(benchmark, target, **overrides):
+        c = finetune_config(benchmark, f"{target},tiny")
+        c.update_from_flattened_dict(overrides)
+        return c
+
+    for c in (config("qm9", "U_0"), config("qm9", "U_0", **{"head.kind": "default"})):
+        assert dmoe_config(c, resolve(c)) is None
+    for benchmark, target in (("qm9", "U_0"), ("qm9", "R_2_Abs"), ("matbench", "mp_gap"), ("qmof", "bandgap"),
+                              ("oc22", "is2re_total"), ("oc22", "s2ef_total")):
+        c = config(benchmark, target, **{"head.kind": "dmoe", "head.dmoe.placement": "uniform"})
+        assert dmoe_config(c, resolve(c)).placement == "uniform"
+    cases = [
+        (config("rmd17", "aspirin", **{"head.kind": "dmoe"}), "rmd17 aspirin: head.kind='dmoe' applies to scalar"),
+        (config("matbench", "mp_is_metal", **{"head.kind": "dmoe"}), "is a classification task"),
+        (config("qm9", "U_0", **{"head.kind": "gaussian"}), "head.kind='gaussian' must be one of"),
+        (config("qm9", "U_0", **{"head.kind": "dmoe", "head.dmoe.num_bins": 1}), "head.dmoe: .*num_bins"),
+        (config("qm9", "U_0", **{"head.kind": "dmoe", "head.dmoe.l1_weight": 0.0, "head.dmoe.ce_weight": 0.0}),
+         "both 0"),
+    ]
+    for c, match in cases:
+        with pytest.raises(ValueError, match=match):
+            dmoe_config(c, resolve(c))
