@@ -204,9 +204,10 @@ SCHEMA = {
 GROUPS = {
     "model": {"preset", "compute_dtype", "direct_forces", "num_blocks", "remat", "aggregation_chunk"},
     "data": {"path", "fold", "max_train", "max_val", "max_test", "batch_size", "eval_batch_size",
-             "per_device", "workers", "prefetch", "budget_sample", "budget_headroom"},
+             "per_device", "workers", "prefetch", "budget_sample", "budget_headroom", "linear_reference",
+             "joint_oc20", "oc20_ref", "oc20_total_energies", "max_joint_oc20"},
     "graph": {"cutoff", "max_neighbors", "pbc", "natoms_max_neighbors"},
-    "head": {"reduction", "mean", "std", "force_std", "loss_coef", "dropout"},
+    "head": {"kind", "dmoe", "reduction", "mean", "std", "force_std", "loss_coef", "energy_coef", "dropout"},
     "optim": {"lr", "b1", "b2", "eps", "weight_decay", "clip_value", "llrd", "warmup_epochs", "warmup_start",
               "cosine_epochs", "min_lr_factor", "plateau_factor", "plateau_patience"},
     "train": {"max_epochs", "early_stop_patience", "early_stop_min_delta", "min_lr_stop", "log_every",
@@ -237,7 +238,7 @@ def test_config_schema_and_files():
     assert finetune_config("qm9", "U_0").model.preset == "jmp_l"
     assert finetune_config("qm9", "U_0,tiny").model.preset == "tiny"
     defaults = {"qm9": "U_0", "rmd17": "aspirin", "md22": "Ac-Ala3-NHMe", "spice": "dipeptides",
-                "matbench": "mp_e_form", "qmof": "bandgap"}  # fmt: skip
+                "matbench": "mp_e_form", "qmof": "bandgap", "oc22": "s2ef_total"}  # fmt: skip
     for benchmark, target in defaults.items():
         module = _config_file(benchmark)
         c = module.get_config()

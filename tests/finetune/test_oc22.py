@@ -202,3 +202,16 @@ def test_joint_oc20_and_oc22_training_data(tmp_path):
     rmd17.init, rmd17.data.path = "scratch", str(data)
     with pytest.raises(ValueError, match="rmd17 ethanol: data.joint_oc20 .* applies to oc22 s2ef_total only"):
         FinetuneRecipe(rmd17, log_fn=_quiet)
+
+
+def test_oc22_specs():
+    s2ef, is2re = target_spec("oc22", "s2ef"), target_spec("oc22", "IS2RE")
+    assert (s2ef.target, s2ef.kind, s2ef.metric, s2ef.unit) == ("s2ef_total", "energy_forces", "force_mae", "meV/Å")
+    assert (is2re.target, is2re.kind, is2re.metric, is2re.unit) == ("is2re_total", "scalar", "energy_mae", "meV")
+    for spec in (s2ef, is2re):
+        assert spec.eval_splits == ("val_id", "val_ood", "test_id", "test_ood")
+        assert spec.required_splits == ("train", "val_id") and spec.statistics == "train"
+        assert spec.reference_from == "fit" and spec.pbc and (spec.cutoff, spec.max_neighbors) == (12.0, 30)
+    assert (s2ef.energy_coef, s2ef.loss_coef) == (1.0, 80.0)
+    with pytest.raises(ValueError, match="oc22: unknown target 'is2rs'"):
+        target_spec("oc22", "is2rs")
