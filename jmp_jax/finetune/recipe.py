@@ -131,6 +131,9 @@ class FinetuneRecipe(Recipe):
         normaliser and force std the config does not set."""
         config, train = self.config, self.splits["train"]
         changes = {}
+        if config.data.get("linear_reference") and target_key(spec) != ENERGY:
+            raise ValueError(f"{spec.benchmark} {spec.target}: data.linear_reference applies to total-energy "
+                             "targets (oc22); this target's references are fixed by its benchmark")
         setting = config.data.get("linear_reference") or spec.reference_from
         if target_key(spec) == ENERGY and setting and str(setting).lower() != "none":
             from jmp_jax.data import linref

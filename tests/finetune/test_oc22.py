@@ -215,3 +215,23 @@ def test_oc22_specs():
     assert (s2ef.energy_coef, s2ef.loss_coef) == (1.0, 80.0)
     with pytest.raises(ValueError, match="oc22: unknown target 'is2rs'"):
         target_spec("oc22", "is2rs")
+
+
+def test_linear_reference_from_a_file_and_only_for_total_energies(tmp_path):
+    from jmp_jax.finetune.recipe import FinetuneRecipe
+
+    data = tmp_path / "oc22"
+    info = write_oc22(data, "extxyz", sizes={"train": 8, "val_id": 2})
+    np.savez(tmp_path / "oc22_linfit_coeffs.npz", coeff=info["coeffs"][:100])  # fairchem's layout
+    config = finetune_config("oc22", "is2re_total,tiny")
+    config.init, config.data.path = "scratch", str(data)
+    config.data.linear_reference = str(tmp_path / "oc22_linfit_coeffs.npz")
+    recipe = FinetuneRecipe(config, log_fn=_quiet)
+    np.testing.assert_array_equal(recipe.spec.element_reference[:100], info["coeffs"][:100])
+    referenced = [r.energy - info["coeffs"][r.atomic_numbers].sum() for r in recipe.splits["train"]]
+    assert recipe.spec.mean == pytest.approx(np.mean(referenced), abs=1e-12)
+    qm9 = finetune_config("qm9", "U_0,tiny")
+    qm9.init, qm9.data.path, qm9.data.linear_reference = "scratch", "qm9pack", "fit"
+    qm9.data.max_train = qm9.data.max_val = qm9.data.max_test = 2
+    with pytest.raises(ValueError, match="qm9 U_0: data.linear_reference applies to total-energy targets"):
+        FinetuneRecipe(qm9, log_fn=_quiet)
