@@ -159,9 +159,6 @@ def _finetune(model, config, split, batch_size, max_structures, progress, log):
 
     spec = resolve(config)
     _check_finetune(model, spec, config)
-    if model.target.get("element_reference") is not None and spec.reference_from is not None:
-        # total-energy targets: the model's own references (fitted on its training split)
-        spec = dataclasses.replace(spec, element_reference=tuple(model.target["element_reference"]))
     names = spec_splits(spec)
     if split is None:
         split = next((s for s in names if s.startswith("test")), spec.eval_splits[0])
@@ -324,11 +321,11 @@ def _scalar(spec, records, preds, ok, t, metric, title):
 
 def _spearman(a, b) -> float:
     """Rank correlation of |error| and predicted std (1: larger std, larger error)."""
-    if a.size < 2:
+    from scipy.stats import spearmanr  # scipy comes with ase
+
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    c = np.corrcoef(ra, rb)[0, 1]
-    return float(c) if np.isfinite(c) else math.nan
+    return float(spearmanr(a, b).statistic)
 
 
 def _calibration_figure(abs_err, std, cover68, cover95, title):

@@ -44,6 +44,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jmp_jax.constants import preset_name
+from jmp_jax.models.dmoe import DMoEConfig
 from jmp_jax.finetune.benchmarks import ALL_BENCHMARKS, TargetSpec, spec_label, target_spec
 
 DEFAULT_SIZE = "jmp_l"
@@ -140,15 +141,9 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         # "default": the target's own head; "dmoe": a distributional head (DMoE, jmp_jax.models.dmoe)
         # for scalar targets and the energy of energy+force tasks (forces = -d E[p] / dx)
         "kind": "default",
-        "dmoe": ml_collections.ConfigDict({
-            "num_heads": 4,  # K histogram heads with different bin placements
-            "num_bins": 32,  # B bins per head
-            "placement": "quantile",  # "quantile" | "uniform" (edges from the normalised training targets)
-            "sigma": 0.75,  # target Gaussian's std, as a fraction of the local bin width
-            "l1_weight": 1.0,  # λ: loss = ce_weight · CE + λ · |E[p] − y|
-            "ce_weight": 1.0,
-            "margin": 0.05,  # range widened by this fraction of (max − min) on each side
-        }),
+        # num_heads, num_bins, placement ("quantile" | "uniform"), sigma, l1_weight, ce_weight,
+        # margin: the fields and defaults of jmp_jax.models.dmoe.DMoEConfig
+        "dmoe": ml_collections.ConfigDict(dataclasses.asdict(DMoEConfig())),
         "reduction": config_dict.placeholder(str),  # sum | mean | max
         "mean": config_dict.placeholder(float),  # target normalisation, after per-element referencing
         "std": config_dict.placeholder(float),
@@ -276,7 +271,6 @@ def dmoe_config(config, spec: TargetSpec):
     head); ValueError naming the field for an unknown head kind, a target DMoE does not apply to
     or a bad DMoE setting."""
     from jmp_jax.finetune.model import DMOE_KINDS
-    from jmp_jax.models.dmoe import DMoEConfig
 
     label = spec_label(spec)
     kind = config.head.get("kind") or "default"

@@ -115,9 +115,8 @@ class FinetuneObjective:
         pred = out["value"].astype(f32)
         err = jnp.abs(jnp.where(graph_mask, pred - target, 0.0))
         stats = dmoe.distribution_stats(logits, edges)
-        pit = _mixture_cdf(logits, edges, target)  # the target's quantile under the prediction
-        inside = jnp.abs(pit - 0.5)
-        outside = (target < jnp.min(edges[:, 0])) | (target > jnp.max(edges[:, -1]))
+        inside = jnp.abs(dmoe.mixture_cdf(logits, edges, target) - 0.5)  # central-interval membership
+        outside = dmoe.out_of_range(target, edges)
 
         def count(x):
             return jnp.sum(jnp.where(graph_mask, x, False)).astype(f32)
@@ -203,14 +202,6 @@ class FinetuneObjective:
 
     def primary(self, metrics: dict) -> float:
         return float(metrics[self.spec.metric])
-
-
-def _mixture_cdf(logits, edges, y):
-    """CDF at y [G] of the mixture of K histograms (uniform density within each bin)."""
-    p = jax.nn.softmax(logits, axis=-1)  # [G, K, B]
-    lo, hi = edges[:, :-1], edges[:, 1:]
-    frac = jnp.clip((y[:, None, None] - lo) / (hi - lo), 0.0, 1.0)
-    return jnp.mean(jnp.sum(p * frac, axis=-1), axis=-1)
 
 
 def _dmoe_metrics(totals, prefix: str, n: float) -> dict[str, float]:

@@ -199,6 +199,15 @@ def distribution_stats(logits, edges) -> dict:
     return {"mean": mean, "std": jnp.sqrt(var), "entropy": entropy, "head_means": head_means}
 
 
+def mixture_cdf(logits, edges, y):
+    """jnp: CDF at y [G] of the mixture of K histograms (uniform density within each bin), from
+    logits [G, K, B]: the target's quantile under the prediction (`mixture_cdf_np` on the host)."""
+    p = jax.nn.softmax(logits, axis=-1)
+    lo, hi = edges[:, :-1], edges[:, 1:]
+    frac = jnp.clip((y[:, None, None] - lo) / (hi - lo), 0.0, 1.0)
+    return jnp.mean(jnp.sum(p * frac, axis=-1), axis=-1)
+
+
 def loss_terms(logits, y, edges, config: DMoEConfig, mask) -> dict:
     """logits [G, K, B], y [G] normalised targets, mask [G] bool (False = padding).
     Returns {"ce_sum", "l1_sum", "loss_sum"} (sums over real structures) and "mean" [G]
