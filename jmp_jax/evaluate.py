@@ -589,7 +589,8 @@ def summary(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------- CLI
-def _main():
+def run() -> None:
+    """The `jmp-jax-evaluate` / `python -m jmp_jax.evaluate` command line (absl flags below)."""
     from absl import app, flags, logging
     from ml_collections import config_flags
 
@@ -619,8 +620,10 @@ def _main():
             sys.exit(f"jmp_jax.evaluate: {e}")
         print(summary(result), flush=True)
 
-    app.run(main)
+    from jmp_jax.cli import run_absl
+
+    run_absl(main, __name__)
 
 
 if __name__ == "__main__":
-    _main()
+    run()

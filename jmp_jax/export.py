@@ -1,6 +1,6 @@
 """Export a pre-training run as a model directory:
 
-    python -m jmp_jax.export --workdir=DIR --out=MODEL
+    jmp-jax-export --workdir=DIR --out=MODEL     (or python -m jmp_jax.export ...)
 
 Reads the latest complete checkpoint of DIR (a `python -m jmp_jax.main
 --config=configs/pretrain.py` workdir, finished or still running) and writes its
@@ -12,6 +12,8 @@ Pre-training and fine-tuning runs also export WORKDIR/model themselves at the en
 from __future__ import annotations
 
 from absl import app, flags
+
+from jmp_jax.cli import run_absl
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Pre-training workdir (with checkpoints/).")
@@ -31,5 +33,10 @@ def main(argv):
     print(f"jmp_jax.export: wrote {out}")
 
 
+def run() -> None:
+    """The `jmp-jax-export` console script."""
+    run_absl(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import re
@@ -26,10 +25,9 @@ pytestmark = pytest.mark.skipif(not (CKPT.exists() and EMA_OUTPUTS.exists()),
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("convert_torch_ckpt", ROOT / "tools" / "convert_torch_ckpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from jmp_jax.convert import cli
+
+    return cli
 
 
 def _verify_counts(text: str) -> dict[str, int]:

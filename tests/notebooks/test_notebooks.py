@@ -7,7 +7,6 @@ outputs, so the diffs stay readable and stale results cannot be shipped."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -47,13 +46,6 @@ def _run(name: str, tmp_path: Path, monkeypatch, **params) -> tuple[Path, list[s
     return out, texts
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not (CKPT.exists() and EMA_OUTPUTS.exists()),
                     reason=f"tiny_pretrain.ckpt / its EMA outputs not in {parity.parity_dir()}")
 def test_convert_and_simulate(tmp_path, monkeypatch):
@@ -66,7 +58,9 @@ def test_convert_and_simulate(tmp_path, monkeypatch):
     # the conversion path ran: a model directory under OUT that reproduces JMP's PyTorch outputs
     model_dir = Path(summary["model_dir"])
     assert summary["converted"] and model_dir.parent == out and (model_dir / "model.json").is_file()
-    check = _tool("convert_torch_ckpt").verify(model_dir, EMA_OUTPUTS, 1e-4)
+    from jmp_jax.convert.cli import verify
+
+    check = verify(model_dir, EMA_OUTPUTS, 1e-4)
     assert check and sum(check.counts.values()) > 0, check
     # the notebook's predictions are that model's
     ethanol = load(model_dir).predict([molecule("CH3CH2OH")])[0]
