@@ -60,7 +60,10 @@ def worst_rel_err(ours, ref, natoms=None, task_axis: int | None = None) -> float
 
 
 def config_marks(config: str):
-    return [pytest.mark.slow] if config in SLOW_CONFIGS else []
+    """JMP-S/L are `slow`. Every case of a config is one xdist group (`--dist loadgroup`), so
+    one worker compiles each config's programs once and its other cases reuse them."""
+    group = pytest.mark.xdist_group(f"parity_{config}")
+    return [pytest.mark.slow, group] if config in SLOW_CONFIGS else [group]
 
 
 def no_fixtures_param():
