@@ -18,15 +18,17 @@ Conventions shared by every reader in this package:
 
 from __future__ import annotations
 
-import numpy as np
-
 import abc
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
+
+from jmp_jax.data.readers import splits as _splits
+from jmp_jax.data.readers.units import as_stored, check_precision
 from jmp_jax.data.record import Record, RecordError
 
 logger = logging.getLogger("jmp_jax.data.readers")
@@ -104,9 +106,22 @@ class EntrySource(Source):
 
 class IndexSplitSource(EntrySource):
     """An `EntrySource` whose splits are index arrays in `self._split`
-    ({split name: record indices in JMP's permutation order})."""
+    ({split name: record indices in JMP's permutation order}), read in `self.order`
+    (`ORDERS`) at `self.precision` (`units.PRECISIONS`)."""
 
     _split: dict
+    order: str
+    precision: str
+
+    def _set_options(self, order: str, precision: str) -> None:
+        """Checks and stores `order` and `precision` (`ValueError` naming the allowed values)."""
+        self.order = check_order(order)
+        self.precision = check_precision(precision)
+
+    def _permuted_split(self, n: int, split_sizes, default: dict, seed: int) -> dict[str, np.ndarray]:
+        """JMP's seeded permutation split of ``range(n)`` sized by `split_sizes` (a user
+        mapping, validated) or else `default`: {split: indices in JMP's order}."""
+        return _splits.jmp_split(n, _splits.normalize_sizes(split_sizes, default), int(seed))
 
     def splits(self) -> tuple[str, ...]:
         return tuple(self._split)
@@ -128,10 +143,55 @@ def check_order(order: str) -> str:
 
 def ordered(indices, order: str):
     """Split indices (JMP permutation order) in the requested yield order."""
-    import numpy as np
-
     indices = np.asarray(indices, dtype=np.int64)
     return np.sort(indices) if order == "index" else indices
+
+
+def require_option(path: Path, value: Any, option: str, known, what: str) -> None:
+    """`ValueError` unless `value` is given or `path` is a file (whose name then supplies it)."""
+    if value is None and not path.is_file():
+        raise ValueError(f"{what}: {path} is not a file; pass {option}= (one of {known})")
+
+
+def periodic_record(
+    rid: str, dataset: str, numbers, positions, cell, precision: str, targets: dict
+) -> Record:
+    """A `Record` periodic along all three cell vectors (crystals, MOFs): `positions`
+    [N, 3] Å and `cell` [3, 3] Å (rows = lattice vectors) stored at `precision`
+    (`units.as_stored`); `targets` as given."""
+    return Record(
+        id=rid,
+        dataset=dataset,
+        atomic_numbers=numbers,
+        positions=as_stored(positions, precision),
+        cell=as_stored(cell, precision),
+        pbc=np.ones(3, bool),
+        targets=targets,
+    )
+
+
+_Opened = TypeVar("_Opened")
+
+
+def open_all(paths: Iterable[Path], opener: Callable[[Path, int], _Opened]) -> list[_Opened]:
+    """``opener(path, i)`` for each i-th path, in order. If one raises `ValueError`, the
+    ones already opened are closed (``.close()``) before it propagates."""
+    opened = []
+    try:
+        for i, p in enumerate(paths):
+            opened.append(opener(p, i))
+    except ValueError:
+        for o in opened:
+            o.close()
+        raise
+    return opened
+
+
+def close_all(groups: dict[str, list]) -> None:
+    """Closes every object of every list in `groups` (per split: files opened by `open_all`)."""
+    for group in groups.values():
+        for o in group:
+            o.close()
 
 
 def existing_file(path: str | os.PathLike, what: str) -> Path:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from jmp_jax.data.readers import splits as _splits
-from jmp_jax.data.readers.base import IndexSplitSource, check_order, find_file, ordered
-from jmp_jax.data.readers.units import JMP_KCAL_MOL_TO_EV, as_stored, check_precision, scalar, scale
+from jmp_jax.data.readers.base import IndexSplitSource, find_file, ordered, require_option
+from jmp_jax.data.readers.units import JMP_KCAL_MOL_TO_EV, as_stored, scalar, scale
 from jmp_jax.data.record import Record, RecordError
 
 RMD17_MOLECULES = (
@@ -60,17 +60,41 @@ def _npz_shape(path: Path, npz, key: str) -> tuple[int, ...]:
 
 
 class _NpzTrajectory(IndexSplitSource):
-    """One molecule's trajectory in an npz; subclasses name the keys and the split sizes."""
+    """One molecule's trajectory in an npz; subclasses name the keys, the molecules,
+    where the file may lie and the default split sizes.
+
+    `path`: the ``<name>_<molecule>.npz`` file (the molecule is then taken from the
+    file name unless given), or a directory holding it under one of `SUBDIRS`.
+    """
 
     name = "?"
     KEYS: dict[str, str] = {}  # role -> npz key: numbers, positions, energy, forces
+    MOLECULES: tuple[str, ...] = ()  # molecules a directory `path` may be asked for
+    ALIASES: dict[str, str] = {}  # other spellings -> molecule
+    SUBDIRS: tuple[str, ...] = ("",)  # directories under `path` searched, in order
 
-    def __init__(self, path: Path, molecule: str, sizes: dict, seed: int, order: str, precision: str):
-        self.path = Path(path)
+    def __init__(
+        self,
+        path,
+        molecule: str | None = None,
+        seed: int = 42,
+        split_sizes=None,
+        order: str = "index",
+        precision: str = "jmp",
+    ):
+        p = Path(path)
+        require_option(p, molecule, "molecule", self.MOLECULES, self.name)
+        if molecule is None:
+            molecule = p.stem.removeprefix(f"{self.name}_")
+        molecule = self.ALIASES.get(molecule, molecule)
+        if not p.is_file() and molecule not in self.MOLECULES:
+            raise ValueError(f"{self.name}: unknown molecule {molecule!r}; known: {self.MOLECULES}")
+        self.path = find_file(p, [f"{d}{self.name}_{molecule}.npz" for d in self.SUBDIRS], self.name)
         self.molecule = molecule
+        default = self._default_sizes(molecule) if split_sizes is None else {}
+        sizes = _splits.normalize_sizes(split_sizes, default)
         self.seed = int(seed)
-        self.order = check_order(order)
-        self.precision = check_precision(precision)
+        self._set_options(order, precision)
         try:
             npz = np.load(self.path, allow_pickle=False)
         except Exception as e:
@@ -85,10 +109,13 @@ class _NpzTrajectory(IndexSplitSource):
                 f"{self.path}: {self.KEYS['positions']!r} has shape {pos_shape}, expected [F, N, 3]"
             )
         self.num_frames = pos_shape[0]
-        self._sizes = sizes
         self._split = _splits.jmp_split(self.num_frames, sizes, self.seed)
         self._arrays = None
 
+    @staticmethod
+    def _default_sizes(molecule: str) -> dict:
+        """JMP's split sizes for `molecule` (used when ``split_sizes`` is not given)."""
+        raise NotImplementedError
 
     def _load(self):
         if self._arrays is None:
@@ -137,37 +164,13 @@ class RMD17Source(_NpzTrajectory):
 
     name = "rmd17"
     KEYS = {"numbers": "nuclear_charges", "positions": "coords", "energy": "energies", "forces": "forces"}
+    MOLECULES = RMD17_MOLECULES
+    ALIASES = RMD17_ALIASES
+    SUBDIRS = ("", "npz_data/", "rmd17/npz_data/", "raw/rmd17/npz_data/")
 
-    def __init__(
-        self,
-        path,
-        molecule: str | None = None,
-        seed: int = 42,
-        split_sizes=None,
-        order: str = "index",
-        precision: str = "jmp",
-    ):
-        p = Path(path)
-        if molecule is None:
-            if not p.is_file():
-                raise ValueError(f"rmd17: {p} is not a file; pass molecule= (one of {RMD17_MOLECULES})")
-            stem = p.stem
-            molecule = stem.removeprefix("rmd17_")
-        molecule = RMD17_ALIASES.get(molecule, molecule)
-        if not p.is_file() and molecule not in RMD17_MOLECULES:
-            raise ValueError(f"rmd17: unknown molecule {molecule!r}; known: {RMD17_MOLECULES}")
-        file = find_file(
-            p,
-            [
-                f"rmd17_{molecule}.npz",
-                f"npz_data/rmd17_{molecule}.npz",
-                f"rmd17/npz_data/rmd17_{molecule}.npz",
-                f"raw/rmd17/npz_data/rmd17_{molecule}.npz",
-            ],
-            "rmd17",
-        )
-        sizes = _splits.normalize_sizes(split_sizes, _splits.rmd17_sizes())
-        super().__init__(file, molecule, sizes, seed, order, precision)
+    @staticmethod
+    def _default_sizes(molecule: str) -> dict:
+        return _splits.rmd17_sizes()
 
 
 class MD22Source(_NpzTrajectory):
@@ -175,29 +178,16 @@ class MD22Source(_NpzTrajectory):
     directory; else from the file name ``md22_<molecule>.npz``), ``seed=42``,
     ``split_sizes`` (default: JMP's per-molecule sizes; required for other
     molecules), ``order="index"``, ``precision="jmp"``.
+
+    `path`: the ``md22_<molecule>.npz`` file, or a directory holding it directly or
+    under ``raw/``.
     """
 
     name = "md22"
     KEYS = {"numbers": "z", "positions": "R", "energy": "E", "forces": "F"}
+    MOLECULES = MD22_MOLECULES
+    SUBDIRS = ("", "raw/")
 
-    def __init__(
-        self,
-        path,
-        molecule: str | None = None,
-        seed: int = 42,
-        split_sizes=None,
-        order: str = "index",
-        precision: str = "jmp",
-    ):
-        p = Path(path)
-        if molecule is None:
-            if not p.is_file():
-                raise ValueError(f"md22: {p} is not a file; pass molecule= (one of {MD22_MOLECULES})")
-            stem = p.stem
-            molecule = stem.removeprefix("md22_")
-        if not p.is_file() and molecule not in MD22_MOLECULES:
-            raise ValueError(f"md22: unknown molecule {molecule!r}; known: {MD22_MOLECULES}")
-        file = find_file(p, [f"md22_{molecule}.npz", f"raw/md22_{molecule}.npz"], "md22")
-        default = _splits.md22_sizes(molecule) if split_sizes is None else None
-        sizes = _splits.normalize_sizes(split_sizes, default or {})
-        super().__init__(file, molecule, sizes, seed, order, precision)
+    @staticmethod
+    def _default_sizes(molecule: str) -> dict:
+        return _splits.md22_sizes(molecule)

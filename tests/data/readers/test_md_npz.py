@@ -99,3 +99,15 @@ def test_md22_unknown_molecule_needs_sizes(tmp_path, make, read):
         open_source("md22", path)
     src = open_source("md22", path, split_sizes={"train": 10, "val": 5, "test": None})
     assert [src.num_records(s) for s in src.splits()] == [10, 5, 5]
+
+
+def test_md22_directory_lookup_and_errors(tmp_path, make):
+    path = make.md22(tmp_path / "raw", "AT-AT", frames=3001)
+    src = open_source("md22", tmp_path, molecule="AT-AT")  # found under raw/
+    assert src.path == path and src.molecule == "AT-AT" and src.num_frames == 3001
+    with pytest.raises(ValueError, match=r"^md22: unknown molecule 'caffeine'"):
+        open_source("md22", tmp_path, molecule="caffeine")
+    with pytest.raises(ValueError, match=r"^md22: .* is not a file; pass molecule="):
+        open_source("md22", tmp_path)
+    with pytest.raises(ValueError, match=r"^md22: no file found under .*md22_DHA.npz"):
+        open_source("md22", tmp_path, molecule="DHA")
