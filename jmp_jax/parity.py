@@ -1,16 +1,24 @@
-"""Reading JMP reference files (`shared/parity` format) for tests, tools and benchmarks.
+"""Reading JMP reference files (parity-fixture format) for tests, tools and benchmarks.
 
 A reference `{config}__{system}.npz` holds one structure's inputs, the four graphs
-exactly as JMP built them, all index arrays, and the PyTorch outputs (README of the
-parity directory). This module turns one into our types, either through our own
-graph pipeline or through JMP's stored graphs (so model parity does not depend on
-graph parity).
+exactly as JMP built them, all index arrays, and the PyTorch outputs
+(docs/parity.md#fixture-format). This module finds the fixture directory
+(`parity_dir`), rebuilds the shipped set into a cache on first use
+(`materialize_shipped_set`), and turns one reference into our types, either
+through our own graph pipeline or through JMP's stored graphs (so model parity
+does not depend on graph parity).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
+import lzma
 import os
+import shutil
+import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +29,108 @@ from jmp_jax.graphs.structure import Structure
 
 GRAPH_NAMES = ("main", "a2a", "a2ee2a", "qint")
 
+# The parity set shipped with the repository (tests only, not in the wheel), and
+# the file it describes itself by: sha256, size and how each original is shipped.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "parity"
+MANIFEST = "manifest.json"
+
+
+class ParityFixtureError(RuntimeError):
+    """The shipped parity set is incomplete or does not reproduce its recorded sha256."""
+
+
+def recipe_array(seed_name: str, shape) -> np.ndarray:
+    """The fixture weight recipe (docs/parity.md#weight-recipe): float32 array of `shape`.
+
+    seed = crc32(seed_name) mod 2**32; values = standard normal * (1/sqrt(shape[-1])
+    for rank >= 2, else 0.1), drawn in float64 by `np.random.RandomState`, then cast.
+    `seed_name` includes the salt ("ema:" for the checkpoint's EMA copy).
+    """
+    shape = tuple(int(s) for s in shape)
+    seed = zlib.crc32(seed_name.encode()) % 2**32
+    scale = 1.0 / np.sqrt(shape[-1]) if len(shape) >= 2 else 0.1
+    return (np.random.RandomState(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def rebuild_from_skeleton(skeleton: bytes, fills: list[dict]) -> bytes:
+    """Write each recipe storage (little-endian float32) back at its byte offset."""
+    out = bytearray(skeleton)
+    for fill in fills:
+        data = recipe_array(fill["seed_name"], fill["shape"]).astype("<f4").tobytes()
+        start, nbytes = int(fill["offset"]), int(fill["nbytes"])
+        if len(data) != nbytes or start + nbytes > len(out):
+            raise ParityFixtureError(
+                f"{fill.get('member', '?')}: recipe {fill['seed_name']} {fill['shape']} gives "
+                f"{len(data)} bytes, fills record {nbytes} at offset {start} of a {len(out)}-byte skeleton")
+        if any(out[start : start + nbytes]):
+            raise ParityFixtureError(f"{fill.get('member', '?')}: skeleton bytes at {start} are not zeroed")
+        out[start : start + nbytes] = data
+    return bytes(out)
+
+
+def _cache_root() -> Path:
+    if os.environ.get("JMP_JAX_CACHE_DIR"):
+        return Path(os.environ["JMP_JAX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "jmp_jax"
+
+
+def materialize_shipped_set(shipped: Path = SHIPPED_DIR, cache_root: Path | None = None) -> Path:
+    """The shipped parity set as a plain directory of the original files; built once.
+
+    Files shipped as copies are copied, `tiny_pretrain.ckpt` is rebuilt from its
+    skeleton and the weight recipe; every file's sha256 must equal the manifest's
+    (the originals'), else `ParityFixtureError`. The directory is named by the
+    manifest's digest, built in a temporary sibling and renamed into place, so
+    concurrent test workers never see a partial set.
+    """
+    manifest_bytes = (shipped / MANIFEST).read_bytes()
+    manifest = json.loads(manifest_bytes)
+    root = cache_root or _cache_root()
+    target = root / f"parity-{hashlib.sha256(manifest_bytes).hexdigest()[:16]}"
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".parity-build-", dir=root))
+    try:
+        for name, entry in manifest["files"].items():
+            if entry["shipped_as"] == "copy":
+                data = (shipped / name).read_bytes()
+            elif entry["shipped_as"] == "rebuild":
+                skeleton = lzma.decompress((shipped / f"{name}.skeleton.xz").read_bytes())
+                fills = json.loads((shipped / f"{name}.fills.json").read_text())
+                data = rebuild_from_skeleton(skeleton, fills)
+            else:
+                raise ParityFixtureError(f"{shipped / MANIFEST}: {name}: unknown shipped_as {entry['shipped_as']!r}")
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry["sha256"] or len(data) != entry["size"]:
+                raise ParityFixtureError(
+                    f"{shipped / name}: rebuilt file has sha256 {digest} ({len(data)} bytes); "
+                    f"{MANIFEST} records {entry['sha256']} ({entry['size']} bytes) for the original")
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process renamed its complete copy first
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
 
 def parity_dir() -> Path:
-    """`$JMP_JAX_PARITY_DIR`, else `../shared/parity` beside the repository."""
+    """`$JMP_JAX_PARITY_DIR` if set, else the shipped set (materialised into a cache).
+
+    Without either (e.g. an installed wheel, which has no tests/), the returned
+    path does not exist and the tests that need fixtures skip, naming it.
+    Cache: `$JMP_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/jmp_jax`, else `~/.cache/jmp_jax`.
+    """
     env = os.environ.get("JMP_JAX_PARITY_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "parity"
+    if not (SHIPPED_DIR / MANIFEST).is_file():
+        return SHIPPED_DIR
+    return materialize_shipped_set()
 
 
 def system_files(directory: Path | None = None, config: str = "*") -> list[Path]:
