@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from jmp_jax.data.readers.base import EntrySource
+from jmp_jax.data.readers.base import EntrySource, close_all, open_all
 from jmp_jax.data.readers.lmdb_env import open_readonly, release
 from jmp_jax.data.record import Record, RecordError
 
@@ -238,15 +238,7 @@ class AseSource(EntrySource):
         if split not in self._lmdbs:
             p, kind = self._paths[split], self._kinds[split]
             files = sorted(p.glob("*.aselmdb"), key=str) if kind == "aselmdb_dir" else [p]
-            opened = []
-            try:
-                for f in files:
-                    opened.append(AseLmdbFile(f))
-            except ValueError:
-                for o in opened:
-                    o.close()
-                raise
-            self._lmdbs[split] = opened
+            self._lmdbs[split] = open_all(files, lambda f, _: AseLmdbFile(f))
         return self._lmdbs[split]
 
     def num_records(self, split):
@@ -256,9 +248,7 @@ class AseSource(EntrySource):
         return sum(len(f.ids) for f in self._files(split))
 
     def close(self):
-        for files in self._lmdbs.values():
-            for f in files:
-                f.close()
+        close_all(self._lmdbs)
         self._lmdbs = {}
 
     def _entries(self, split):

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from jmp_jax.data.readers import splits as _splits
-from jmp_jax.data.readers.base import EntrySource, IndexSplitSource, check_order, find_file, logger, ordered
+from jmp_jax.data.readers.base import EntrySource, IndexSplitSource, find_file, logger, ordered, require_option
 from jmp_jax.data.readers.pyg_pickle import PickleDecodeError, loads
 from jmp_jax.data.readers.units import (
     ASE_HARTREE,
@@ -107,6 +107,12 @@ def _load_group(group, keys: Mapping[str, str]) -> dict:
     return out
 
 
+def _frame_keys(positions: str, energy: str, forces: str) -> dict[str, str]:
+    """{role: dataset name} of a group with ``atomic_numbers`` [N] and per-frame
+    positions [M, N, 3], energy [M] and forces [M, N, 3] (ANI-1x, Transition1x)."""
+    return {"numbers": "atomic_numbers", "positions": positions, "energy": energy, "forces": forces}
+
+
 def _get(arrays: dict, role: str, keys: Mapping[str, str], rid: str, index: int | None = None):
     value = arrays[role]
     if isinstance(value, str):
@@ -148,17 +154,14 @@ class SpiceSource(IndexSplitSource):
         energy: str = "formation",
     ):
         p = Path(path)
-        if not p.is_file():
-            if subset is None:
-                raise ValueError(f"spice: {p} is not a file; pass subset= (one of {self.SUBSETS})")
-            p = find_file(p, [f"{subset}.h5", f"raw/{subset}.h5", f"{subset}.hdf5"], "spice")
+        require_option(p, subset, "subset", self.SUBSETS, "spice")
+        p = find_file(p, [f"{subset}.h5", f"raw/{subset}.h5", f"{subset}.hdf5"], "spice")  # p if a file
         self.path = p
         self.subset = subset or p.stem
         if energy not in ("formation", "total"):
             raise ValueError(f"spice: energy must be 'formation' or 'total', got {energy!r}")
         self.energy = energy
-        self.order = check_order(order)
-        self.precision = check_precision(precision)
+        self._set_options(order, precision)
         names, counts, self._skipped = [], [], []
         with open_h5(p, "spice") as f:
             for key, obj in f.items():
@@ -180,8 +183,7 @@ class SpiceSource(IndexSplitSource):
         self._names = names
         self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         n = int(self._offsets[-1])
-        sizes = _splits.normalize_sizes(split_sizes, _splits.fraction_sizes(n, 0.8, 0.1))
-        self._split = _splits.jmp_split(n, sizes, int(seed))
+        self._split = self._permuted_split(n, split_sizes, _splits.fraction_sizes(n, 0.8, 0.1), seed)
 
     @property
     def num_conformers(self) -> int:
@@ -249,17 +251,10 @@ class ANI1xSource(EntrySource):
         forces_key: str = "wb97x_dz.forces",
         precision: str = "jmp",
     ):
-        p = Path(path)
-        if not p.is_file():
-            p = find_file(p, ["ani1x-release.h5", "raw/ani1x-release.h5"], "ani1x")
+        p = find_file(path, ["ani1x-release.h5", "raw/ani1x-release.h5"], "ani1x")
         self.path = p
         self.precision = check_precision(precision)
-        self.keys = {
-            "numbers": "atomic_numbers",
-            "positions": "coordinates",
-            "energy": energy_key,
-            "forces": forces_key,
-        }
+        self.keys = _frame_keys("coordinates", energy_key, forces_key)
         self.seed, self.split_size, self.min_atoms = int(seed), int(split_size), int(min_atoms)
         formulas, counts, self._skipped = [], {}, []
         small, small_conformers = [], 0
@@ -435,21 +430,12 @@ class Transition1xSource(EntrySource):
         forces_key: str = "wB97x_6-31G(d).forces",
         precision: str = "jmp",
     ):
-        p = Path(path)
-        if not p.is_file():
-            p = find_file(
-                p,
-                ["transition1x-release.h5", "raw/transition1x-release.h5", "transition1x.h5"],
-                "transition1x",
-            )
+        p = find_file(
+            path, ["transition1x-release.h5", "raw/transition1x-release.h5", "transition1x.h5"], "transition1x"
+        )
         self.path = p
         self.precision = check_precision(precision)
-        self.keys = {
-            "numbers": "atomic_numbers",
-            "positions": "positions",
-            "energy": energy_key,
-            "forces": forces_key,
-        }
+        self.keys = _frame_keys("positions", energy_key, forces_key)
         with open_h5(p, "transition1x") as f:
             present = [s for s in ("train", "val", "test") if isinstance(f.get(s), h5py.Group)]
             if not present and isinstance(f.get("data"), h5py.Group):

@@ -54,9 +54,16 @@ from pathlib import Path
 import numpy as np
 
 from jmp_jax.data.readers import splits as _splits
-from jmp_jax.data.readers.base import EntrySource, IndexSplitSource, check_order, find_file, logger, ordered
+from jmp_jax.data.readers.base import (
+    IndexSplitSource,
+    find_file,
+    logger,
+    ordered,
+    periodic_record,
+    require_option,
+)
 from jmp_jax.data.readers.jsonio import iter_json_array, load_json, structure_arrays
-from jmp_jax.data.readers.units import as_stored, check_precision
+from jmp_jax.data.readers.units import as_stored
 from jmp_jax.data.record import Record, RecordError
 
 MATBENCH_TASKS = {
@@ -115,7 +122,7 @@ def _installed_validation_file() -> Path | None:
     return None
 
 
-class MatbenchSource(EntrySource):
+class MatbenchSource(IndexSplitSource):
     """One MatBench task and fold. Options: ``task`` (``"jdft2d"`` or
     ``"matbench_jdft2d"``; from the file name if omitted), ``fold=0``,
     ``validation_path``, ``seed=42``, ``split_sizes`` (of the train+val pool;
@@ -135,9 +142,8 @@ class MatbenchSource(EntrySource):
         precision: str = "jmp",
     ):
         p = Path(path)
+        require_option(p, task, "task", sorted(MATBENCH_TASKS), "matbench")
         if task is None:
-            if not p.is_file():
-                raise ValueError(f"matbench: {p} is not a file; pass task= (one of {sorted(MATBENCH_TASKS)})")
             task = p.name.split(".")[0]
         task = task if task.startswith("matbench_") else f"matbench_{task}"
         if task not in MATBENCH_TASKS:
@@ -147,8 +153,7 @@ class MatbenchSource(EntrySource):
             raise ValueError(f"matbench: fold must be in 0..{MATBENCH_N_FOLDS - 1}, got {fold}")
         self.task, self.fold = task, fold
         self.target_column, self.task_type = MATBENCH_TASKS[task]
-        self.order = check_order(order)
-        self.precision = check_precision(precision)
+        self._set_options(order, precision)
         self.path = find_file(p, [f"{task}.json.gz", f"raw/{task}.json.gz", f"{task}.json"], "matbench")
         frame = load_json(self.path, "matbench")
         if not isinstance(frame, dict) or not {"index", "columns", "data"} <= set(frame):
@@ -212,13 +217,6 @@ class MatbenchSource(EntrySource):
         train, test = kfold(len(self.ids))[self.fold]
         return list(train), list(test)
 
-    def splits(self):
-        return tuple(k for k in ("train", "val", "test") if k in self._split)
-
-    def num_records(self, split):
-        self._check_split(split)
-        return int(self._split[split].size)
-
     def split_indices(self) -> dict[str, np.ndarray]:
         """JMP's saved indices: positions in the fold's train+val pool (train, val) and
         in the fold's test list (test)."""
@@ -250,16 +248,7 @@ class MatbenchSource(EntrySource):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise RecordError(rid, f"{self.target_column!r} is {value!r}, not a finite number")
             target = float(as_stored(value, self.precision))
-        p = self.precision
-        return Record(
-            id=rid,
-            dataset=self.name,
-            atomic_numbers=numbers,
-            positions=as_stored(positions, p),
-            cell=as_stored(cell, p),
-            pbc=np.ones(3, bool),
-            targets={"y": target},
-        )
+        return periodic_record(rid, self.name, numbers, positions, cell, self.precision, {"y": target})
 
 
 class QMOFSource(IndexSplitSource):
@@ -290,18 +279,15 @@ class QMOFSource(IndexSplitSource):
         self.structures_path = d / "qmof_structure_data.json"
         if not self.structures_path.is_file():
             raise ValueError(f"qmof: {self.structures_path} does not exist")
-        self.order = check_order(order)
-        self.precision = check_precision(precision)
+        self._set_options(order, precision)
         props = load_json(self.properties_path, "qmof")
         if not isinstance(props, list):
             raise ValueError(f"qmof: {self.properties_path} holds a {type(props).__name__}, expected a list")
         self._props = props
         n = len(props)
-        sizes = _splits.normalize_sizes(split_sizes, _splits.fraction_sizes(n, 0.8, 0.1))
-        self._split = _splits.jmp_split(n, sizes, int(seed))
+        self._split = self._permuted_split(n, split_sizes, _splits.fraction_sizes(n, 0.8, 0.1), seed)
         self._structures = None
         self._extra: list[RecordError] = []
-
 
     def _load_structures(self):
         """Streams the structure file once: per position (id, numbers, xyz, matrix) or a reason."""
@@ -367,12 +353,5 @@ class QMOFSource(IndexSplitSource):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise RecordError(rid, f"outputs.pbe.{name} is {v!r}")
         p = self.precision
-        return Record(
-            id=rid,
-            dataset=self.name,
-            atomic_numbers=numbers,
-            positions=as_stored(positions, p),
-            cell=as_stored(cell, p),
-            pbc=np.ones(3, bool),
-            targets={"y": float(as_stored(gap, p)), "energy_total": float(as_stored(energy, p))},
-        )
+        targets = {"y": float(as_stored(gap, p)), "energy_total": float(as_stored(energy, p))}
+        return periodic_record(rid, self.name, numbers, positions, cell, p, targets)

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from jmp_jax.data.readers.base import EntrySource, logger
+from jmp_jax.data.readers.base import EntrySource, close_all, logger, open_all
 from jmp_jax.data.readers.lmdb_env import open_readonly, release
 from jmp_jax.data.readers.pyg_pickle import PickleDecodeError, describe, loads, pyg_fields
 from jmp_jax.data.record import Record, RecordError
@@ -167,24 +167,14 @@ class PygLmdbSource(EntrySource):
     def shards(self, split: str) -> list[LmdbShard]:
         self._check_split(split)
         if split not in self._shards:
-            opened = []
-            try:
-                for i, p in enumerate(shard_paths(self._dirs[split])):
-                    opened.append(LmdbShard(p, i))
-            except ValueError:
-                for s in opened:
-                    s.close()
-                raise
-            self._shards[split] = opened
+            self._shards[split] = open_all(shard_paths(self._dirs[split]), LmdbShard)
         return self._shards[split]
 
     def num_records(self, split: str) -> int | None:
         return sum(s.length for s in self.shards(split))
 
     def close(self) -> None:
-        for shards in self._shards.values():
-            for s in shards:
-                s.close()
+        close_all(self._shards)
         self._shards = {}
 
     def _entries(self, split: str):

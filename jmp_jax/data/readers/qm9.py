@@ -60,9 +60,9 @@ import numpy as np
 from ase.data import atomic_numbers as _SYMBOL_TO_Z
 
 from jmp_jax.data.readers import splits as _splits
-from jmp_jax.data.readers.base import IndexSplitSource, check_order, logger, ordered
+from jmp_jax.data.readers.base import IndexSplitSource, logger, ordered
 from jmp_jax.data.readers.pyg_pickle import PickleDecodeError, load_torch_any, pyg_fields
-from jmp_jax.data.readers.units import PYG_HAR2EV, PYG_KCALMOL2EV, check_precision
+from jmp_jax.data.readers.units import PYG_HAR2EV, PYG_KCALMOL2EV
 from jmp_jax.data.record import Record, RecordError
 
 QM9_TARGETS = (
@@ -162,8 +162,7 @@ class QM9Source(IndexSplitSource):
         order: str = "index",
         precision: str = "jmp",
     ):
-        self.order = check_order(order)
-        self.precision = check_precision(precision)
+        self._set_options(order, precision)
         if format is not None and format not in self.FORMATS:
             raise ValueError(f"qm9: format must be one of {self.FORMATS}, got {format!r}")
         if path is None or str(path) in ("", "qm9pack"):
@@ -199,9 +198,7 @@ class QM9Source(IndexSplitSource):
         n = self._reader.count
         if n != QM9_NUM_MOLECULES:
             logger.info("qm9: %d molecules (JMP's QM9 has %d)", n, QM9_NUM_MOLECULES)
-        sizes = _splits.normalize_sizes(split_sizes, _splits.qm9_sizes())
-        self._split = _splits.jmp_split(n, sizes, int(seed))
-
+        self._split = self._permuted_split(n, split_sizes, _splits.qm9_sizes(), seed)
 
     def close(self) -> None:
         self._reader.close()
