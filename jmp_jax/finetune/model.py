@@ -58,27 +58,22 @@ class FinetuneModel(nn.Module):
         if self.dmoe is not None and self.kind not in DMOE_KINDS:
             raise ValueError(f"a DMoE head applies to {DMOE_KINDS} targets, not {self.kind!r}")
         out = _backbone(self, batch, kmax, deterministic)
+        value = None  # the graph-level output; None for direct_forces (forces only)
         if self.dmoe is not None:
             value = self._dmoe(out, batch, deterministic)
-            if self.kind == "energy_forces" and cfg.direct_forces:
-                return value, DirectForceHead(cfg.emb_size_edge, name="out_forces")(out, batch, deterministic)
-            return value
-        if self.kind == "energy_forces":
-            energy = EnergyHead(cfg.emb_size_atom, bias=False, name="out_energy")(out, batch, deterministic)
-            if cfg.direct_forces:
-                return energy, DirectForceHead(cfg.emb_size_edge, name="out_forces")(out, batch, deterministic)
-            return energy
-        if self.kind == "scalar":
+        elif self.kind in ("forces", "energy_forces"):
+            value = EnergyHead(cfg.emb_size_atom, bias=False, name="out_energy")(out, batch, deterministic)
+        elif self.kind == "scalar":
             return GraphScalarHead(cfg.emb_size_atom, self.reduction, name="head")(out, batch, deterministic)
-        if self.kind == "spatial_extent":
+        elif self.kind == "spatial_extent":
             return SpatialExtentHead(cfg.emb_size_atom, name="head")(out, batch, deterministic)
-        if self.kind == "classification":
+        elif self.kind == "classification":
             return ClassificationHead(cfg.emb_size_atom, self.num_classes, self.reduction, self.dropout,
                                       name="head")(out, batch, deterministic)
-        if self.kind == "forces":
-            return EnergyHead(cfg.emb_size_atom, bias=False, name="out_energy")(out, batch, deterministic)
-        return DirectForceHead(cfg.emb_size_edge, name="out_forces")(out, batch, deterministic)
-
+        if self.kind == "direct_forces" or (self.kind == "energy_forces" and cfg.direct_forces):
+            forces = DirectForceHead(cfg.emb_size_edge, name="out_forces")(out, batch, deterministic)
+            return forces if value is None else (value, forces)
+        return value
 
     def _dmoe(self, out, batch, deterministic):
         from jmp_jax.models import dmoe
