@@ -22,6 +22,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jmp_jax.constants import PRETRAIN_NORMALIZATION, PRETRAIN_PERIODIC, PRETRAIN_TASKS
+from jmp_jax.train.metrics import logging_config
 
 DEMO_DATA = str(Path(__file__).resolve().parents[1] / "jmp_jax" / "data" / "demo")
 
@@ -111,6 +112,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict(dict(structures_per_batch=0))  # 0 = as in training
 
+    config.logging = logging_config()  # optional Weights & Biases (jmp_jax/train/metrics.py)
     # Multi-host: left unset on one host; on a cluster set all three (or rely on
     # jax.distributed's auto-detection with auto=True, e.g. under SLURM or on TPU pods).
     config.distributed = ml_collections.ConfigDict(dict(

@@ -1,14 +1,15 @@
 """Plot learning curves: `python tools/plot_curves.py WORKDIR_OR_LOGDIR [--out curves.png] [--csv]`.
 
-Reads the scalars a `jmp_jax.train.metrics.MetricWriter` wrote (TensorBoard event files, or
-`metrics.csv` with --csv or when the logdir has no event files) and draws one subplot per tag on a
-grid, x = step, log-scale y for positive series, coloured by tag group (the prefix before the
-first '/'). Given a workdir, the logs are looked for in WORKDIR/logs. Needs the `plot` extra.
+Reads the scalars a `jmp_jax.train.metrics.MetricWriter` wrote (TensorBoard event files when the
+`tensorboard` package is installed, else `metrics.csv`; --csv reads the CSV in any case) and draws
+one subplot per tag on a grid, x = step, log-scale y for positive series, coloured by tag group (the
+prefix before the first '/'). Given a workdir, the logs are looked for in WORKDIR/logs. Needs the `plot` extra.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from jmp_jax.train.metrics import CSV_NAME, EVENTS_GLOB, read_csv, read_scalars 
 def load(path: Path, use_csv: bool = False) -> tuple[Path, dict[str, list[tuple[int, float]]]]:
     """(logdir, scalars) for a workdir or logdir."""
     logdir = path / "logs" if (path / "logs").is_dir() else path
-    if not use_csv and any(logdir.glob(EVENTS_GLOB)):
+    if not use_csv and any(logdir.glob(EVENTS_GLOB)) and importlib.util.find_spec("tensorboard") is not None:
         return logdir, read_scalars(logdir)
     if not (logdir / CSV_NAME).is_file():
         raise SystemExit(f"no event files or {CSV_NAME} in {logdir}")

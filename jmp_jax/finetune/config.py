@@ -46,6 +46,7 @@ from ml_collections import config_dict
 from jmp_jax.constants import preset_name
 from jmp_jax.models.dmoe import DMoEConfig
 from jmp_jax.finetune.benchmarks import ALL_BENCHMARKS, TargetSpec, spec_label, target_spec
+from jmp_jax.train.metrics import logging_config
 
 DEFAULT_SIZE = "jmp_l"
 REDUCTIONS = ("sum", "mean", "max")
@@ -178,6 +179,7 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         "num_steps": 0,  # 0 = by epochs; > 0 stops after that many steps (smoke tests)
         "shard_params": False,  # FSDP: params, optimiser state and EMA sharded over the devices
     })
+    c.logging = logging_config()  # optional Weights & Biases (jmp_jax/train/metrics.py)
     # Multi-host: left unset on one host (see configs/pretrain.py).
     c.distributed = ml_collections.ConfigDict({
         "coordinator_address": config_dict.placeholder(str),

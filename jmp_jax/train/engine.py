@@ -54,7 +54,7 @@ from jmp_jax.data.sampling import MixtureSampler
 from jmp_jax.graphs.build import DIMS
 from jmp_jax.models.bases import AggregationSizes
 from jmp_jax.train.checkpoint import Checkpointer, gather_process_states
-from jmp_jax.train.metrics import MetricWriter
+from jmp_jax.train.metrics import MetricWriter, check_logging_config
 from jmp_jax.train.step import TrainState, make_eval_step, make_train_step, place, state_shardings
 
 log = logging.getLogger(__name__)
@@ -403,6 +403,8 @@ def fit(recipe: Recipe, workdir) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
+    if primary:
+        check_logging_config(config.get("logging"))  # a missing wandb fails here, before any compile
     run = build_run(recipe, workdir)
     state, num_steps = run.state, run.num_steps
 
@@ -420,7 +422,8 @@ def fit(recipe: Recipe, workdir) -> dict:
     start = int(state.step)
     sampler = recipe.sampler()
     loader = run.loader(state=data_state, sampler=sampler)
-    writer = MetricWriter(workdir / "logs", enabled=primary)
+    writer = MetricWriter(workdir / "logs", enabled=primary, logging=config.get("logging"), run_config=config,
+                          run_name=workdir.resolve().name)
     if primary and start == 0:
         print(recipe.start_message(run), flush=True)
 

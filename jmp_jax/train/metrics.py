@@ -1,181 +1,124 @@
-"""Scalar metrics: a TensorBoard event-file writer/reader and a CSV mirror, no dependencies.
+"""Scalar metrics: TensorBoard event files (tensorboardX), a CSV mirror, optional Weights & Biases.
 
-Written by hand instead of using TensorFlow / tensorboardX / protobuf: those pull in large,
-version-sensitive packages for what is a tiny, stable format. An event file is a sequence of
-TFRecords (``uint64 length | masked crc32c(length) | data | masked crc32c(data)``), each holding a
-protobuf ``Event``; a scalar is ``Event{wall_time=1, step=2, summary=5{value=1{tag=1,
-simple_value=2}}}`` and the first record is ``Event{file_version=3: "brain.Event:2"}``. That takes
-~50 lines to encode and decode, and TensorBoard reads the result as usual.
+``MetricWriter(logdir)`` writes every scalar three ways:
 
-Every scalar is also appended to ``metrics.csv`` (``step,tag,value,wall_time``) for quick
-inspection. When a resumed run re-writes steps after its last checkpoint, readers keep the last
-written value for each (tag, step).
+* a TensorBoard event file ``events.out.tfevents.*`` through tensorboardX's ``SummaryWriter``
+  (values stored as float32, as TensorBoard does);
+* ``metrics.csv`` (``step,tag,value,wall_time``, full float64 precision), readable with no extra package;
+* with ``logging.wandb=True``, a Weights & Biases run (``logging_config`` lists the options;
+  ``wandb_mode="offline"`` writes the run under the logdir with no network, ``wandb sync`` uploads it).
+
+A resumed run re-writes the steps after its last checkpoint: the writer opens a new event file and appends
+to the CSV, and ``read_scalars`` / ``read_csv`` keep the last written value for each (tag, step). The W&B
+run id is stored in ``logdir/wandb_run_id`` so a resumed run continues the same W&B run
+(``resume="allow"``); W&B's x axis is the logged ``step`` metric, so re-written steps are kept there too.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import re
-import socket
-import struct
+import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["CSV_NAME", "EVENTS_GLOB", "MetricWriter", "crc32c", "read_csv", "read_scalars"]
+import ml_collections
+from ml_collections import config_dict
+
+__all__ = ["CSV_NAME", "EVENTS_GLOB", "WANDB_ID_FILE", "MetricWriter", "check_logging_config", "logging_config",
+           "read_csv", "read_scalars"]
 
 CSV_NAME = "metrics.csv"
 EVENTS_GLOB = "events.out.tfevents.*"
+WANDB_ID_FILE = "wandb_run_id"
+WANDB_STEP = "step"  # the W&B x-axis metric logged with every row
+WANDB_MODES = ("online", "offline", "disabled", "shared")
 _CSV_HEADER = ["step", "tag", "value", "wall_time"]
+_WRITER_COUNT = itertools.count()  # event-file name suffix: writers opened in the same second stay apart
 Scalars = dict[str, list[tuple[int, float]]]
 
-# --------------------------------------------------------------------------------------- crc32c
+
+def logging_config() -> ml_collections.ConfigDict:
+    """The ``config.logging`` group: optional Weights & Biases logging (TensorBoard and CSV are always on)."""
+    return ml_collections.ConfigDict(dict(
+        wandb=False,  # also log to Weights & Biases (needs the `wandb` extra)
+        wandb_project="jmp_jax",
+        wandb_entity=config_dict.placeholder(str),  # None: the W&B default entity
+        wandb_mode=config_dict.placeholder(str),  # online | offline | disabled; None: WANDB_MODE or online
+        wandb_tags=(),
+        run_name=config_dict.placeholder(str),  # None: the workdir's name
+    ))
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
+def check_logging_config(logging: Mapping[str, Any] | None) -> None:
+    """Raises if ``logging`` asks for W&B and wandb is not installed, or names an unknown ``wandb_mode``."""
+    if not logging or not logging.get("wandb", False):
+        return
+    mode = logging.get("wandb_mode")
+    if mode is not None and mode not in WANDB_MODES:
+        raise ValueError(f"config.logging.wandb_mode={mode!r}: expected one of {WANDB_MODES} or None")
+    try:
+        import wandb  # noqa: F401
+    except ImportError as e:
+        raise ImportError("config.logging.wandb=True needs the wandb package: "
+                          "pip install 'jmp_jax[wandb]' (or pip install wandb)") from e
 
 
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as used by TFRecord framing."""
-    crc, table = 0xFFFFFFFF, _CRC_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _record(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
-
-
-# ------------------------------------------------------------------------------------- protobuf
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 -> two's complement, 10 bytes
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _bytes_field(field: int, payload: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _scalar_event(step: int, wall_time: float, scalars: Mapping[str, float]) -> bytes:
-    values = b"".join(
-        _bytes_field(1, _bytes_field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
-        for tag, value in scalars.items()
-    )
-    return b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step) + _bytes_field(5, values)
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) pairs of a protobuf message; varints as int, the rest as bytes."""
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _read_varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _read_varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 2:
-            size, i = _read_varint(buf, i)
-            value, i = buf[i : i + size], i + size
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": value}`` for a nested config; values wandb cannot store as JSON become strings."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, f"{name}."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        elif isinstance(value, (list, tuple)) and all(
+                v is None or isinstance(v, (bool, int, float, str)) for v in value):
+            out[name] = list(value)
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if i > n:
-            raise ValueError("truncated protobuf message")
-        yield field, value
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError("truncated protobuf varint")
-        b = buf[i]
-        result |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            return result, i
-        shift += 7
-
-
-def _decode_scalars(event: bytes) -> tuple[int, list[tuple[str, float]]]:
-    """(step, [(tag, simple_value)]) of one Event; other summary kinds are skipped."""
-    step, out = 0, []
-    for field, value in _fields(event):
-        if field == 2:
-            step = value - (1 << 64) if value >= 1 << 63 else value
-        elif field == 5:
-            for vfield, v in _fields(value):
-                if vfield != 1:
-                    continue
-                tag, simple = None, None
-                for f, x in _fields(v):
-                    if f == 1:
-                        tag = x.decode()
-                    elif f == 2 and len(x) == 4:
-                        simple = struct.unpack("<f", x)[0]
-                if tag is not None and simple is not None:
-                    out.append((tag, simple))
-    return step, out
+            out[name] = str(value)
+    return out
 
 
 # --------------------------------------------------------------------------------------- writer
 
 
 class MetricWriter:
-    """Writes scalars to a TensorBoard event file and ``metrics.csv`` in ``logdir``.
+    """Writes scalars to a TensorBoard event file, ``metrics.csv`` and optionally W&B.
 
-    ``enabled=False`` (non-zero processes of a multi-host run) makes every method a no-op.
+    Args:
+      logdir: directory for the event files, ``metrics.csv`` and (W&B) ``wandb_run_id``; created.
+      enabled: False (non-zero processes of a multi-host run) makes every method a no-op.
+      logging: the ``config.logging`` group (``logging_config``); None or ``wandb=False``: no W&B.
+      run_config: logged as the W&B run config, flattened to dotted keys.
+      run_name: the W&B run name unless ``logging.run_name`` is set.
+
     Each ``write_scalars`` call is flushed, so a killed run leaves complete records.
     """
 
-    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
+    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True,
+                 logging: Mapping[str, Any] | None = None, run_config: Mapping[str, Any] | None = None,
+                 run_name: str | None = None):
         self.logdir = Path(logdir)
         self.enabled = enabled
-        self._events = self._csv_file = self._csv = self.events_path = None
+        self._tb = self._csv_file = self._csv = self.wandb_run = None
         if not enabled:
             return
+        check_logging_config(logging)
+        # Imported here: tensorboardX imports torch when it is installed (~1 s), which
+        # processes that only build configs or do not write metrics should not pay.
+        from tensorboardX import SummaryWriter
+
         self.logdir.mkdir(parents=True, exist_ok=True)
-        base = self.logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        path, n = base, 0
-        while True:  # two writers in the same second and process (a resume in tests): new suffix
-            try:
-                self._events = open(path, "xb")
-                break
-            except FileExistsError:
-                n += 1
-                path = base.with_name(f"{base.name}.{n}")
-        self.events_path = path
-        self._events.write(
-            _record(b"\x09" + struct.pack("<d", time.time()) + _bytes_field(3, b"brain.Event:2"))
-        )
+        self._tb = SummaryWriter(str(self.logdir), flush_secs=60,
+                                 filename_suffix=f".{os.getpid()}.{next(_WRITER_COUNT)}")
         csv_path = self.logdir / CSV_NAME
         size = csv_path.stat().st_size if csv_path.exists() else 0
         self._csv_file = open(csv_path, "a", newline="")
@@ -184,30 +127,68 @@ class MetricWriter:
             self._csv.writerow(_CSV_HEADER)
         elif _last_byte(csv_path) not in b"\r\n":
             self._csv_file.write("\r\n")  # end a line cut short by a killed writer
+        if logging and logging.get("wandb", False):
+            self.wandb_run = self._init_wandb(logging, run_config, run_name)
         self.flush()
+
+    def _init_wandb(self, logging: Mapping[str, Any], run_config: Mapping[str, Any] | None,
+                    run_name: str | None):
+        import wandb
+
+        id_path = self.logdir / WANDB_ID_FILE
+        if id_path.is_file():
+            run_id = id_path.read_text().strip()
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", run_id):
+                raise ValueError(f"{id_path}: not a W&B run id: {run_id!r}")
+        else:
+            run_id = secrets.token_hex(6)  # W&B ids: letters, digits, - and _
+            id_path.write_text(run_id + "\n")
+        run = wandb.init(
+            project=logging.get("wandb_project") or None,
+            entity=logging.get("wandb_entity"),
+            name=logging.get("run_name") or run_name,
+            id=run_id,
+            resume="allow",
+            mode=logging.get("wandb_mode"),
+            tags=list(logging.get("wandb_tags") or ()),
+            config=flatten_config(run_config) if run_config is not None else None,
+            dir=os.environ.get("WANDB_DIR") or str(self.logdir),
+        )
+        # Rows are plotted against the logged step, not W&B's internal row counter, so the
+        # rows a resumed run re-writes (steps below W&B's counter) are kept, not dropped.
+        run.define_metric(WANDB_STEP)
+        run.define_metric("*", step_metric=WANDB_STEP)
+        return run
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Writes ``scalars`` (python, numpy or jax scalars) at ``step`` and flushes."""
         if not self.enabled or not scalars:
             return
-        if self._events is None:
+        if self._tb is None:
             raise ValueError("MetricWriter is closed")
         step, wall_time = int(step), time.time()
         values = {str(tag): float(v) for tag, v in scalars.items()}
-        self._events.write(_record(_scalar_event(step, wall_time, values)))
+        for tag, value in values.items():
+            self._tb.add_scalar(tag, value, step, walltime=wall_time)
         self._csv.writerows([step, tag, repr(v), repr(wall_time)] for tag, v in values.items())
+        if self.wandb_run is not None:
+            self.wandb_run.log({**values, WANDB_STEP: step})
         self.flush()
 
     def flush(self) -> None:
-        for f in (self._events, self._csv_file):
-            if f is not None:
-                f.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        if self._csv_file is not None:
+            self._csv_file.flush()
 
     def close(self) -> None:
-        for f in (self._events, self._csv_file):
-            if f is not None:
-                f.close()
-        self._events = self._csv_file = self._csv = None
+        if self._tb is not None:
+            self._tb.close()
+        if self._csv_file is not None:
+            self._csv_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        self._tb = self._csv_file = self._csv = self.wandb_run = None
 
     def __enter__(self) -> Self:
         return self
@@ -225,31 +206,6 @@ def _last_byte(path: Path) -> bytes:
 # -------------------------------------------------------------------------------------- readers
 
 
-def _natural_key(path: Path) -> list:
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
-
-
-def _records(path: Path) -> Iterator[bytes]:
-    """Record payloads of a TFRecord file, CRC-checked; a truncated final record is ignored."""
-    buf = path.read_bytes()
-    i, n = 0, len(buf)
-    while i < n:
-        if n - i < 12:
-            return  # truncated header
-        header = buf[i : i + 8]
-        if struct.unpack("<I", buf[i + 8 : i + 12])[0] != _masked_crc(header):
-            raise ValueError(f"{path}: corrupt record length at byte {i}")
-        (size,) = struct.unpack("<Q", header)
-        start, end = i + 12, i + 12 + size
-        if end + 4 > n:
-            return  # truncated payload
-        data = buf[start:end]
-        if struct.unpack("<I", buf[end : end + 4])[0] != _masked_crc(data):
-            raise ValueError(f"{path}: corrupt record data at byte {i}")
-        yield data
-        i = end + 4
-
-
 def _sorted(latest: dict[str, dict[int, float]]) -> Scalars:
     return {tag: sorted(steps.items()) for tag, steps in sorted(latest.items())}
 
@@ -257,17 +213,29 @@ def _sorted(latest: dict[str, dict[int, float]]) -> Scalars:
 def read_scalars(logdir: str | os.PathLike) -> Scalars:
     """``{tag: [(step, value)]}`` from all event files in ``logdir``, sorted by step; last write wins.
 
-    Raises ValueError naming the file on a corrupt record (a truncated final record is ignored).
+    Reads with TensorBoard's ``EventAccumulator`` (the ``tensorboard`` package, in the ``test`` extra;
+    ``read_csv`` needs nothing). Files are taken in the order they were opened (the wall time of their
+    first event), so a resumed run's values replace those it re-wrote. A truncated or corrupt record
+    ends that file's read, as in TensorBoard.
     """
+    try:
+        from tensorboard.backend.event_processing import event_accumulator as ea
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    except ImportError as e:
+        raise ImportError("read_scalars reads event files with TensorBoard: pip install tensorboard, "
+                          f"or read {CSV_NAME} with read_csv") from e
+
+    def opened(path: Path) -> tuple[float, str]:
+        first = next(iter(EventFileLoader(str(path)).Load()), None)
+        return (first.wall_time if first is not None else float("inf"), path.name)
+
     latest: dict[str, dict[int, float]] = {}
-    for path in sorted(Path(logdir).glob(EVENTS_GLOB), key=_natural_key):
-        for data in _records(path):
-            try:
-                step, values = _decode_scalars(data)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: undecodable event: {e}") from e
-            for tag, value in values:
-                latest.setdefault(tag, {})[step] = value
+    for path in sorted(Path(logdir).glob(EVENTS_GLOB), key=opened):
+        acc = ea.EventAccumulator(str(path), size_guidance={ea.SCALARS: 0})  # 0: keep every point
+        acc.Reload()
+        for tag in acc.Tags()[ea.SCALARS]:
+            for event in acc.Scalars(tag):
+                latest.setdefault(tag, {})[int(event.step)] = float(event.value)
     return _sorted(latest)
 
 

@@ -199,7 +199,7 @@ def test_materials_values():
 # --------------------------------------------------------------------------- configs
 SCHEMA = {
     "name", "seed", "benchmark", "target", "init", "model", "data", "graph", "head", "optim", "train",
-    "distributed",
+    "logging", "distributed",
 }  # fmt: skip
 GROUPS = {
     "model": {"preset", "compute_dtype", "direct_forces", "num_blocks", "remat", "aggregation_chunk"},
@@ -212,6 +212,7 @@ GROUPS = {
               "cosine_epochs", "min_lr_factor", "plateau_factor", "plateau_patience"},
     "train": {"max_epochs", "early_stop_patience", "early_stop_min_delta", "min_lr_stop", "log_every",
               "keep_checkpoints", "async_checkpoints", "num_steps", "shard_params"},
+    "logging": {"wandb", "wandb_project", "wandb_entity", "wandb_mode", "wandb_tags", "run_name"},
     "distributed": {"coordinator_address", "num_processes", "process_id", "auto", "cpu_collectives"},
 }  # fmt: skip
 
