@@ -93,7 +93,7 @@ def arrays_record(arrays: dict, dataset: str) -> Record:
     rid = arrays["id"]
     rid = rid.item() if isinstance(rid, np.ndarray) else rid
     rid = rid.decode() if isinstance(rid, bytes) else str(rid)
-    targets = {k: (v.item() if np.ndim(v) == 0 else np.asarray(v)) for k, v in arrays.get("targets", {}).items()}
+    targets = {k: (np.asarray(v).item() if np.ndim(v) == 0 else np.asarray(v)) for k, v in arrays.get("targets", {}).items()}
     return Record(
         id=rid, dataset=dataset,
         atomic_numbers=np.asarray(arrays["atomic_numbers"], np.int64),
