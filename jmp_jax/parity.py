@@ -69,10 +69,17 @@ def rebuild_from_skeleton(skeleton: bytes, fills: list[dict]) -> bytes:
 
 
 def _cache_root() -> Path:
+    """`$JMP_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/jmp_jax`, else `~/.cache/jmp_jax`; when the
+    latter two cannot be created (read-only home), `<tmp>/jmp_jax-<uid>`."""
     if os.environ.get("JMP_JAX_CACHE_DIR"):
         return Path(os.environ["JMP_JAX_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "jmp_jax"
+    root = Path(base) / "jmp_jax"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        root = Path(tempfile.gettempdir()) / f"jmp_jax-{os.getuid()}"
+    return root
 
 
 def materialize_shipped_set(shipped: Path = SHIPPED_DIR, cache_root: Path | None = None) -> Path:
