@@ -1,4 +1,4 @@
-"""Multi-task pre-training (JMP). `--config=configs/pretrain.py[:demo|jmp_s|jmp_l]`.
+"""Multi-task pre-training (JMP). `--config=configs/pretrain.py[:demo|jmp_s|jmp_l|test]`.
 
 demo (default): the embedded demo stores (jmp_jax/data/demo), the `tiny`
   GemNet-OC, a few hundred steps: finishes in minutes on a laptop CPU.
@@ -7,6 +7,8 @@ jmp_s / jmp_l: JMP's recipe (jmp_training_spec §1) on ingested packed stores
       --config.tasks.oc20.path=/data/oc20 --config.tasks.oc22.path=... \\
       --config.tasks.ani1x.path=... --config.tasks.transition1x.path=...
   (each a store written by `python -m jmp_jax.data.ingest`).
+test: the demo shrunk to the test suite's run (`TEST`): 8 steps of 4 structures, one
+  interaction block, a checkpoint every 3 steps, no validation.
 
 Graph settings per task follow gemnet_oc_spec §1.2: OC20/OC22 periodic with
 cutoff 12 Å, ANI-1x/Transition-1x free molecules with cutoff 8 Å; k = 30.
@@ -32,6 +34,18 @@ JMP_NORMALISATION = PRETRAIN_NORMALIZATION
 TASKS = PRETRAIN_TASKS
 PERIODIC = PRETRAIN_PERIODIC
 
+# The `test` preset: the demo with these dotted keys changed.
+TEST = {
+    "train.num_steps": 8,
+    "train.log_every": 1,
+    "train.eval_every": 0,
+    "train.checkpoint_every": 3,
+    "train.warmup_steps": 2,
+    "model.num_blocks": 1,
+    "data.budget_sample": 32,
+    "data.structures_per_batch": 4,
+}
+
 
 def _task(name: str, path):
     periodic = PERIODIC[name]
@@ -52,9 +66,9 @@ def _task(name: str, path):
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    if arg not in ("demo", "jmp_s", "jmp_l"):
-        raise ValueError(f"unknown preset {arg!r}: use demo, jmp_s or jmp_l")
-    demo = arg == "demo"
+    if arg not in ("demo", "jmp_s", "jmp_l", "test"):
+        raise ValueError(f"unknown preset {arg!r}: use demo, jmp_s, jmp_l or test")
+    demo = arg in ("demo", "test")
     config = ml_collections.ConfigDict()
     config.name = f"pretrain_{arg}"
     config.seed = 0
@@ -111,6 +125,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     ))
 
     config.eval = ml_collections.ConfigDict(dict(structures_per_batch=0))  # 0 = as in training
+    if arg == "test":
+        config.update_from_flattened_dict(TEST)
 
     config.logging = logging_config()  # optional Weights & Biases (jmp_jax/train/metrics.py)
     # Multi-host: left unset on one host; on a cluster set all three (or rely on

@@ -2,7 +2,7 @@
 
 Targets: Ac-Ala3-NHMe, DHA, stachyose, AT-AT, AT-AT-CG-CG, buckyball-catcher,
 double-walled_nanotube. data.path: md22_<molecule>.npz, its directory, or a packed store.
-Size: tiny | jmp_s (s) | jmp_l (l); default jmp_l.
+Size: tiny | jmp_s (s) | jmp_l (l); default jmp_l; `test` = tiny shrunk for the test suite.
 """
 
 from jmp_jax.finetune.config import finetune_config

@@ -4,7 +4,8 @@ Tasks (not in JMP's paper; jmp_jax.finetune.benchmarks, OC22 section):
   s2ef_total   DFT total energy + forces of any frame (energy and forces trained: λ_E = 1,
                λ_F = 80; forces −∂E/∂x, or a direct head with --config.model.direct_forces=True)
   is2re_total  relaxed total energy from the initial structure (IS2RE LMDBs' y_relaxed)
-Aliases s2ef, is2re. Size: tiny | jmp_s (s) | jmp_l (l); default jmp_l.
+Aliases s2ef, is2re. Size: tiny | jmp_s (s) | jmp_l (l); default jmp_l; `test` = tiny shrunk for the
+test suite.
 
 Total energies are trained minus per-element linear references Σ c[Z]:
   --config.data.linear_reference=fit     least squares on the training split (default)

@@ -2,7 +2,7 @@
 
 Targets: dipeptides, solvated_amino_acids. data.path: <subset>.h5, its directory, or a
 packed store.
-Size: tiny | jmp_s (s) | jmp_l (l); default jmp_l.
+Size: tiny | jmp_s (s) | jmp_l (l); default jmp_l; `test` = tiny shrunk for the test suite.
 """
 
 from jmp_jax.finetune.config import finetune_config

@@ -4,7 +4,9 @@
         --config.init=models/jmp-l --config.data.path=raw/qm9 --workdir=runs/qm9_U_0
 
 `finetune_config(benchmark, "<target>[,<size>]")` builds the ConfigDict; size is a model
-preset (``tiny``, ``jmp_s`` / ``s``, ``jmp_l`` / ``l``; default ``jmp_l``). Fields that are
+preset (``tiny``, ``jmp_s`` / ``s``, ``jmp_l`` / ``l``; default ``jmp_l``) or ``test``: the
+``tiny`` model with one interaction block, trained from scratch for one step on 6 / 3 / 3
+structures in batches of 3 (the test suite's size; `TEST_PRESET`). Fields that are
 ``None`` (placeholders) mean "JMP's value for this target": `resolve(config)` fills them from
 `jmp_jax.finetune.benchmarks.target_spec` at run time, so e.g. ``--config.data.fold=3``
 moves a MatBench run to fold 3 *and* to fold 3's normalisation. Any of them can be set by
@@ -49,7 +51,23 @@ from jmp_jax.finetune.benchmarks import ALL_BENCHMARKS, TargetSpec, spec_label, 
 from jmp_jax.train.metrics import logging_config
 
 DEFAULT_SIZE = "jmp_l"
+TEST_SIZE = "test"
 REDUCTIONS = ("sum", "mean", "max")
+HEAD_KINDS = ("default", "dmoe")
+
+# `<target>,test`: the tiny model shrunk to the test suite's smallest run (dotted key -> value;
+# data.path stays unset: the tests give their files).
+TEST_PRESET = {
+    "init": "scratch",
+    "model.num_blocks": 1,
+    "data.max_train": 6,
+    "data.max_val": 3,
+    "data.max_test": 3,
+    "data.batch_size": 3,
+    "data.budget_sample": 8,
+    "train.num_steps": 1,
+    "train.async_checkpoints": False,
+}
 
 # config field -> TargetSpec field, for `resolve`
 _OVERRIDES = {
@@ -77,9 +95,12 @@ def parse_arg(benchmark: str, arg: str) -> tuple[str, str]:
     parts = [p.strip() for p in str(arg).split(",")]
     if len(parts) > 2 or not parts[0]:
         raise ValueError(
-            f"{benchmark}: config argument {arg!r} must be '<target>[,<size>]' (size tiny | jmp_s | jmp_l)"
+            f"{benchmark}: config argument {arg!r} must be '<target>[,<size>]' "
+            "(size tiny | jmp_s | jmp_l | test)"
         )
     spec = target_spec(benchmark, parts[0])
+    if len(parts) == 2 and parts[1].lower() == TEST_SIZE:
+        return spec.target, TEST_SIZE
     try:
         size = preset_name(parts[1].lower()) if len(parts) == 2 and parts[1] else DEFAULT_SIZE
     except ValueError as e:
@@ -92,6 +113,7 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
     if benchmark not in ALL_BENCHMARKS:
         raise ValueError(f"unknown fine-tuning benchmark {benchmark!r}; known: {', '.join(ALL_BENCHMARKS)}")
     target, size = parse_arg(benchmark, arg)
+    preset = "tiny" if size == TEST_SIZE else size
     c = ml_collections.ConfigDict()
     c.name = f"finetune_{benchmark}_{target}_{size}"
     c.seed = 42  # A: FinetuneConfigBase.set_seed(42)
@@ -101,11 +123,11 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
     c.init = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict({
-        "preset": size,  # GemNetOCConfig preset: tiny | jmp_s | jmp_l
+        "preset": preset,  # GemNetOCConfig preset: tiny | jmp_s | jmp_l
         "compute_dtype": "float32",  # or "bfloat16" (params and optimiser state stay float32)
         "direct_forces": config_dict.placeholder(bool),  # force tasks: None = JMP's choice per molecule
         "num_blocks": config_dict.placeholder(int),  # override the preset's interaction blocks
-        "remat": "blocks" if size == "jmp_l" else "none",  # see configs/pretrain.py
+        "remat": "blocks" if preset == "jmp_l" else "none",  # see configs/pretrain.py
         "aggregation_chunk": 32,  # chunked slot layout of the wide aggregations (0: [rows, Kmax] slots)
     })
     c.data = ml_collections.ConfigDict({
@@ -188,43 +210,63 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         "auto": False,
         "cpu_collectives": False,
     })
+    if size == TEST_SIZE:
+        c.update_from_flattened_dict(TEST_PRESET)
     return c
 
 
 def resolve(config) -> TargetSpec:
     """The `TargetSpec` of the config's benchmark, target and fold, with every non-None
-    override of the config applied and validated (ValueError naming the field)."""
-    benchmark, target = config.benchmark, config.target
-    fold = config.data.get("fold", 0)
-    if benchmark != "matbench":
-        if fold not in (0, None):
-            raise ValueError(f"{benchmark} {target}: data.fold={fold!r}, but only matbench has folds")
-        fold = None
-    spec = target_spec(benchmark, target, fold=fold)
-    changes = {}
-    for (group, field), spec_field in _OVERRIDES.items():
-        value = config[group].get(field)
-        if value is not None:
-            changes[spec_field] = value
-    natoms_rule = config.graph.get("natoms_max_neighbors")
-    if natoms_rule is not None and not natoms_rule:
-        changes["natoms_max_neighbors"] = ()  # source B: k = max_neighbors for every structure
-    spec = dataclasses.replace(spec, **changes)
-    _validate(spec, changes)
+    override of the config applied and validated (ValueError naming each bad field)."""
+    spec, label, problems = resolve_problems(config)
+    if problems:
+        raise ValueError("\n".join(f"{label}: {key}={message}" for key, message in problems))
     return spec
 
 
-def _validate(spec: TargetSpec, changes: dict) -> None:
-    label = spec_label(spec)
+def resolve_problems(config) -> tuple[TargetSpec | None, str, list[tuple[str, str]]]:
+    """(spec, label, problems) of `resolve`: the resolved `TargetSpec` (None when the fold is
+    bad), the target's label and every bad override as (dotted config key, "<value> <why>")."""
+    benchmark, target = config.benchmark, config.target
+    fold = config.data.fold
+    if benchmark != "matbench":
+        if fold not in (0, None):
+            return None, f"{benchmark} {target}", [("data.fold", f"{fold!r}, but only matbench has folds")]
+        fold = None
+    try:
+        spec = target_spec(benchmark, target, fold=fold)
+    except ValueError as e:  # "<benchmark> <target>: fold must be one of ..."
+        why = str(e).split(": ", 1)[-1]
+        return None, f"{benchmark} {target}", [("data.fold", f"{fold!r}: {why}")]
+    changes = {}
+    for (group, field), spec_field in _OVERRIDES.items():
+        value = config[group][field]
+        if value is not None:
+            changes[spec_field] = value
+    natoms_rule = config.graph.natoms_max_neighbors
+    if natoms_rule is not None and not natoms_rule:
+        changes["natoms_max_neighbors"] = ()  # source B: k = max_neighbors for every structure
+    spec = dataclasses.replace(spec, **changes)
+    return spec, spec_label(spec), _spec_problems(spec, changes)
+
+
+def _spec_problems(spec: TargetSpec, changes: dict) -> list[tuple[str, str]]:
+    problems = []
 
     def bad(field, why):
         config_field = next(f"{g}.{n}" for (g, n), s in _OVERRIDES.items() if s == field)
-        raise ValueError(f"{label}: {config_field}={getattr(spec, field)!r} {why}")
+        problems.append((config_field, f"{getattr(spec, field)!r} {why}"))
 
-    if not spec.std > 0:
-        bad("std", "must be > 0")
-    if spec.force_std is not None and not spec.force_std > 0:
-        bad("force_std", "must be > 0")
+    def number(field, test, why):  # a non-number is a type problem (reported by config_check)
+        value = getattr(spec, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        if not test(value):
+            bad(field, why)
+
+    number("std", lambda v: v > 0, "must be > 0")
+    if spec.force_std is not None:
+        number("force_std", lambda v: v > 0, "must be > 0")
     kind = f"({spec.benchmark} {spec.target} is a {spec.kind} task)"
     if spec.kind not in ("forces", "energy_forces"):
         if "force_std" in changes:
@@ -239,55 +281,52 @@ def _validate(spec: TargetSpec, changes: dict) -> None:
         bad("dropout", f"applies to the classification head only {kind}")
     if spec.reduction not in REDUCTIONS:
         bad("reduction", f"must be one of {REDUCTIONS}")
-    if spec.kind == "spatial_extent" and spec.reduction != "sum":
+    elif spec.kind == "spatial_extent" and spec.reduction != "sum":
         bad("reduction", "must be 'sum' for the spatial-extent head (JMP asserts it)")
-    if spec.batch_size < 1:
-        bad("batch_size", "must be >= 1")
-    if not spec.cutoff > 0:
-        bad("cutoff", "must be > 0")
-    if spec.max_neighbors < 1:
-        bad("max_neighbors", "must be >= 1")
-    if not spec.loss_coef > 0:
-        bad("loss_coef", "must be > 0")
-    if spec.kind == "energy_forces" and not spec.energy_coef >= 0:
-        bad("energy_coef", "must be >= 0")
-    if spec.kind != "energy_forces" and "energy_coef" in changes:
+    number("batch_size", lambda v: v >= 1, "must be >= 1")
+    number("cutoff", lambda v: v > 0, "must be > 0")
+    number("max_neighbors", lambda v: v >= 1, "must be >= 1")
+    number("loss_coef", lambda v: v > 0, "must be > 0")
+    if spec.kind == "energy_forces":
+        number("energy_coef", lambda v: v >= 0, "must be >= 0")
+    elif "energy_coef" in changes:
         bad("energy_coef", f"applies to energy+force tasks only {kind}")
-    if spec.dropout is not None and not 0.0 <= spec.dropout < 1.0:
-        bad("dropout", "must be in [0, 1)")
-    if spec.plateau_patience < 0:
-        bad("plateau_patience", "must be >= 0")
-    if spec.early_stop_patience < 0:
-        bad("early_stop_patience", "must be >= 0")
-    if spec.max_epochs < 1:
-        bad("max_epochs", "must be >= 1")
-    if spec.min_lr_stop < 0:
-        bad("min_lr_stop", "must be >= 0")
-
-
-HEAD_KINDS = ("default", "dmoe")
+    if spec.dropout is not None:
+        number("dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+    number("plateau_patience", lambda v: v >= 0, "must be >= 0")
+    number("early_stop_patience", lambda v: v >= 0, "must be >= 0")
+    number("max_epochs", lambda v: v >= 1, "must be >= 1")
+    number("min_lr_stop", lambda v: v >= 0, "must be >= 0")
+    return problems
 
 
 def dmoe_config(config, spec: TargetSpec):
     """The `jmp_jax.models.dmoe.DMoEConfig` of ``--config.head.kind=dmoe`` (None for the default
     head); ValueError naming the field for an unknown head kind, a target DMoE does not apply to
     or a bad DMoE setting."""
+    dmoe, problems = dmoe_problems(config, spec)
+    if problems:
+        key, why = problems[0]
+        raise ValueError(f"{spec_label(spec)}: {key}{'=' if key == 'head.kind' else ': '}{why}")
+    return dmoe
+
+
+def dmoe_problems(config, spec: TargetSpec):
+    """(DMoEConfig or None, problems) of `dmoe_config`, each problem (dotted config key, why)."""
     from jmp_jax.finetune.model import DMOE_KINDS
 
-    label = spec_label(spec)
-    kind = config.head.get("kind") or "default"
+    kind = config.head.kind
     if kind not in HEAD_KINDS:
-        raise ValueError(f"{label}: head.kind={kind!r} must be one of {HEAD_KINDS}")
+        return None, [("head.kind", f"{kind!r} must be one of {HEAD_KINDS}")]
     if kind == "default":
-        return None
+        return None, []
     if spec.kind not in DMOE_KINDS:
-        raise ValueError(f"{label}: head.kind='dmoe' applies to scalar targets and the energy of energy+force "
-                         f"tasks; {spec.benchmark} {spec.target} is a {spec.kind} task (its loss does not "
-                         "train a per-structure value)")
-    options = config.head.dmoe.to_dict()
+        return None, [("head.kind", "'dmoe' applies to scalar targets and the energy of "
+                                    f"energy+force tasks; {spec.benchmark} {spec.target} is a {spec.kind} task "
+                                    "(its loss does not train a per-structure value)")]
     try:
-        dmoe = DMoEConfig(**options)
+        dmoe = DMoEConfig(**config.head.dmoe.to_dict())
         dmoe.validate()
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{label}: head.dmoe: {e}") from None
-    return dmoe
+        return None, [("head.dmoe", str(e))]
+    return dmoe, []

@@ -66,22 +66,22 @@ class FinetuneRecipe(Recipe):
         self.config = config
         self.name = config.name
         self.spec = resolve(config)
-        if not config.get("init"):
+        if not config.init:
             raise ValueError("config.init is not set: give --config.init=PATH (a model directory from "
                              "tools/convert_torch_ckpt.py or a pre-training workdir) or --config.init=scratch")
         spec = self.spec
         d = config.data
         primary = jax.process_index() == 0
         self.dmoe = dmoe_config(config, spec)  # a bad head setting fails before any data is read
-        if d.get("joint_oc20") and (spec.benchmark, spec.kind) != ("oc22", "energy_forces"):
+        if d.joint_oc20 and (spec.benchmark, spec.kind) != ("oc22", "energy_forces"):
             raise ValueError(f"{spec.benchmark} {spec.target}: data.joint_oc20 (OC20 S2EF frames) applies to "
                              "oc22 s2ef_total only")
         self.splits = load_splits(spec, d.path, max_train=int(d.max_train), max_val=int(d.max_val),
                                   max_test=int(d.max_test), seed=int(config.seed),
                                   log=log_fn if primary else (lambda *_: None))
-        if d.get("joint_oc20"):
-            extra = joint_oc20_records(d.joint_oc20, d.get("oc20_ref"), bool(d.get("oc20_total_energies")),
-                                       int(d.get("max_joint_oc20") or 0),
+        if d.joint_oc20:
+            extra = joint_oc20_records(d.joint_oc20, d.oc20_ref, bool(d.oc20_total_energies),
+                                       int(d.max_joint_oc20 or 0),
                                        log=log_fn if primary else (lambda *_: None))
             self.splits["train"] = list(self.splits["train"]) + extra
         self.select = spec.eval_splits[0]  # the split that picks the best epoch
@@ -89,7 +89,7 @@ class FinetuneRecipe(Recipe):
             if not self.splits[split]:
                 raise ValueError(f"{spec.benchmark} {spec.target}: the {split} split is empty")
         self.log = log_fn if primary else (lambda *_: None)
-        direct = config.model.get("direct_forces")
+        direct = config.model.direct_forces
         forces = spec.kind in ("forces", "energy_forces")
         self.direct_forces = bool(spec.direct_forces if direct is None else direct) if forces else False
         self.kind = head_kind(spec, self.direct_forces)
@@ -131,10 +131,10 @@ class FinetuneRecipe(Recipe):
         normaliser and force std the config does not set."""
         config, train = self.config, self.splits["train"]
         changes = {}
-        if config.data.get("linear_reference") and target_key(spec) != ENERGY:
+        if config.data.linear_reference and target_key(spec) != ENERGY:
             raise ValueError(f"{spec.benchmark} {spec.target}: data.linear_reference applies to total-energy "
                              "targets (oc22); this target's references are fixed by its benchmark")
-        setting = config.data.get("linear_reference") or spec.reference_from
+        setting = config.data.linear_reference or spec.reference_from
         if target_key(spec) == ENERGY and setting and str(setting).lower() != "none":
             from jmp_jax.data import linref
 
@@ -152,11 +152,11 @@ class FinetuneRecipe(Recipe):
         if spec.statistics == "train":
             spec = dataclasses.replace(spec, **changes)
             y = np.asarray([referenced_target(spec, r) for r in train], np.float64)
-            if config.head.get("mean") is None:
+            if config.head.mean is None:
                 changes["mean"] = float(y.mean())
-            if config.head.get("std") is None:
+            if config.head.std is None:
                 changes["std"] = float(y.std()) if y.size > 1 and y.std() > 0 else 1.0
-            if spec.kind == "energy_forces" and config.head.get("force_std") is None:
+            if spec.kind == "energy_forces" and config.head.force_std is None:
                 f = np.concatenate([np.asarray(r.forces, np.float64).reshape(-1) for r in train])
                 changes["force_std"] = float(np.sqrt(np.mean(f * f))) if f.size and np.any(f) else 1.0
             self.log(f"{spec.benchmark} {spec.target}: normaliser from {len(train)} training structures: "
@@ -195,7 +195,7 @@ class FinetuneRecipe(Recipe):
 
     # ------------------------------------------------------------------ model and optimiser
     def model_config(self):
-        extra = {} if self.config.model.get("num_blocks") is None else {"num_blocks": int(self.config.model.num_blocks)}
+        extra = {} if self.config.model.num_blocks is None else {"num_blocks": int(self.config.model.num_blocks)}
         try:
             return model_preset(self.config.model.preset, direct_forces=self.direct_forces,
                                 regress_forces=self.direct_forces, **extra, **execution_options(self.config.model))
@@ -410,6 +410,9 @@ def export_model(out: Path, recipe: FinetuneRecipe, run: Run, variables) -> Path
 
 
 def train_and_evaluate(config, workdir) -> dict:
-    """Runs (or resumes) fine-tuning; returns the results written to results.json."""
-    return engine.fit(FinetuneRecipe(config), workdir)
+    """Runs (or resumes) fine-tuning; returns the results written to results.json.
+    `config` is checked first (`jmp_jax.config_check.validate`: every problem in one ConfigError)."""
+    from jmp_jax.config_check import validate
+
+    return engine.fit(FinetuneRecipe(validate(config)), workdir)
 

@@ -53,7 +53,7 @@ from jmp_jax.data.pipeline import (
 from jmp_jax.data.sampling import MixtureSampler
 from jmp_jax.graphs.build import DIMS
 from jmp_jax.models.bases import AggregationSizes
-from jmp_jax.train.checkpoint import Checkpointer, gather_process_states
+from jmp_jax.train.checkpointing import Checkpointer, gather_process_states
 from jmp_jax.train.metrics import MetricWriter, check_logging_config
 from jmp_jax.train.step import TrainState, make_eval_step, make_train_step, place, state_shardings
 
@@ -63,13 +63,13 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------ set-up
 def setup_distributed(cfg) -> None:
     """jax.distributed.initialize when the config asks for several processes."""
-    if cfg.get("cpu_collectives"):
+    if cfg.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if cfg.get("coordinator_address") or cfg.get("auto"):
+    if cfg.coordinator_address or cfg.auto:
         if jax.distributed.is_initialized():
             return
         kwargs = {}
-        if cfg.get("coordinator_address"):
+        if cfg.coordinator_address:
             kwargs = dict(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                           process_id=cfg.process_id)
         jax.distributed.initialize(**kwargs)
@@ -347,7 +347,7 @@ def build_run(recipe: Recipe, workdir: Path, mesh: Mesh | None = None) -> Run:
     parts = recipe.build(shapes, template)
     initial = TrainState.create(parts.variables, parts.optimizer, int(recipe.config.seed),
                                 ema=recipe.ema_decay is not None)
-    shard_params = bool(recipe.config.train.get("shard_params", False))
+    shard_params = bool(recipe.config.train.shard_params)
     state_sharding = state_shardings(initial, mesh, shard_params)
     state = place(initial, state_sharding)
     train_step = make_train_step(parts.objective, parts.optimizer, mesh, ema_decay=recipe.ema_decay,
@@ -381,7 +381,7 @@ def evaluate_sums(run: Run, params, constants, sources=None):
                              num_processes=jax.process_count(), process_index=jax.process_index())
     budget = run.eval_budget or run.shapes.budget
     loader = GraphLoader(sources, sampler, budget, epochs=1, kmax=run.shapes.kmax._asdict(),
-                         workers=int(run.recipe.data_config.get("eval_workers", 0) or 0))
+                         workers=0)  # evaluation builds its graphs in this process
     n = local_batch_count(run.mesh, run.per_device)
     empty = empty_like(run.eval_template if run.eval_template is not None else run.template)
     batches = loader.host_batches()

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------ set-up
 def model_config(config) -> GemNetOCConfig:
     p = float(config.train.edge_dropout or 0.0)
-    extra = {} if config.model.get("num_blocks") is None else {"num_blocks": int(config.model.num_blocks)}
+    extra = {} if config.model.num_blocks is None else {"num_blocks": int(config.model.num_blocks)}
     try:
         return model_preset(config.model.preset, edge_dropout=p or None, edge_dropout_on_host=True, **extra,
                             **execution_options(config.model))
@@ -202,8 +202,11 @@ def build_run(config, workdir: Path) -> Run:
 
 
 def train_and_evaluate(config, workdir) -> dict:
-    """Runs (or resumes) pre-training; returns the last validation metrics."""
-    return engine.fit(PretrainRecipe(config), workdir)
+    """Runs (or resumes) pre-training; returns the last validation metrics.
+    `config` is checked first (`jmp_jax.config_check.validate`: every problem in one ConfigError)."""
+    from jmp_jax.config_check import validate
+
+    return engine.fit(PretrainRecipe(validate(config)), workdir)
 
 
 def evaluate(run: Run, params, constants) -> dict:
@@ -213,7 +216,7 @@ def evaluate(run: Run, params, constants) -> dict:
 
 
 def compute_dtype(config):
-    dtype = config.model.get("compute_dtype", "float32")
+    dtype = config.model.compute_dtype
     return None if dtype in (None, "float32") else dtype
 
 
