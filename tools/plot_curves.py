@@ -3,7 +3,8 @@
 Reads the scalars a `jmp_jax.train.metrics.MetricWriter` wrote (TensorBoard event files when the
 `tensorboard` package is installed, else `metrics.csv`; --csv reads the CSV in any case) and draws
 one subplot per tag on a grid, x = step, log-scale y for positive series, coloured by tag group (the
-prefix before the first '/'). Given a workdir, the logs are looked for in WORKDIR/logs. Needs the `plot` extra.
+prefix before the first '/'). Given a workdir, the logs are looked for in WORKDIR/logs. Needs the `plot`
+extra.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ from typing import Any, Self
 import ml_collections
 from ml_collections import config_dict
 
-__all__ = ["CSV_NAME", "EVENTS_GLOB", "WANDB_ID_FILE", "MetricWriter", "check_logging_config", "logging_config",
-           "read_csv", "read_scalars"]
+__all__ = ["CSV_NAME", "EVENTS_GLOB", "WANDB_ID_FILE", "WANDB_MODES", "MetricWriter", "check_logging_config",
+           "flatten_config", "logging_config", "read_csv", "read_scalars"]
 
 CSV_NAME = "metrics.csv"
 EVENTS_GLOB = "events.out.tfevents.*"

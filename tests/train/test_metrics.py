@@ -4,7 +4,6 @@ W&B offline runs read back from their transaction log, the logging config, plot 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from jmp_jax.train.metrics import (CSV_NAME, EVENTS_GLOB, WANDB_ID_FILE, MetricWriter, check_logging_config,
                                    flatten_config, logging_config, read_csv, read_scalars)
+from tests.train import wandb_offline
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,82 +110,9 @@ def test_closed_writer_refuses(tmp_path):
 # ------------------------------------------------------------------------------------------- W&B
 
 
-def _wandb_records(path: Path) -> list:
-    """The ``Record`` protos of a ``.wandb`` transaction log (a LevelDB-style log: 32 KiB blocks of
-    chunks ``crc32c u32 | length u16 | type u8 | payload``, type 1 full, 2 first, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", path
-    records, pos, pending = [], 7, b""
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def _item_value(item):
-    field = item.WhichOneof("value") if "value" in item.DESCRIPTOR.oneofs_by_name else None
-    if field in ("integer", "number", "boolean", "text"):
-        return getattr(item, field)
-    if field == "none":
-        return None
-    return json.loads(item.value_json or item.json)
-
-
-def _finished_log(run_dir: Path, timeout: float = 60.0) -> list:
-    """The records of ``run_dir``'s transaction log once it ends with the run's exit record: in offline
-    mode ``run.finish()`` returns before wandb's service process has written the log out."""
-    (log,) = run_dir.glob("run-*.wandb")
-    deadline = time.monotonic() + timeout
-    while True:
-        records = _wandb_records(log)
-        if records and records[-1].WhichOneof("record_type") == "exit":
-            return records
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{log}: no exit record after {timeout} s")
-        time.sleep(0.1)
-
-
-def _wandb_runs(wandb_dir: Path) -> list[tuple[str, list[dict], dict]]:
-    """(run id, history rows, config) of each offline run under ``wandb_dir``, oldest first."""
-    out = []
-    for run_dir in sorted((wandb_dir / "wandb").glob("offline-run-*")):
-        rows, config, run_id = [], {}, None
-        for record in _finished_log(run_dir):
-            kind = record.WhichOneof("record_type")
-            if kind == "history":
-                rows.append({(i.key or "/".join(i.nested_key)): _item_value(i) for i in record.history.item})
-            elif kind == "run":
-                run_id = record.run.run_id
-                config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
-            elif kind == "config":
-                config.update({i.key: json.loads(i.value_json) for i in record.config.update})
-        out.append((run_id, rows, config))
-    return out
-
-
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch):
-    """Offline W&B with every file under tmp_path (no network, nothing in $HOME)."""
-    import wandb  # noqa: F401  (the `wandb` extra, in the test extra: a missing one fails, never skips)
-    for var, sub in (("WANDB_DIR", "wandb_dir"), ("WANDB_CONFIG_DIR", "wandb_config"),
-                     ("WANDB_CACHE_DIR", "wandb_cache"), ("WANDB_DATA_DIR", "wandb_data")):
-        (tmp_path / sub).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    return tmp_path / "wandb_dir"
+    return wandb_offline.offline_env(monkeypatch, tmp_path)
 
 
 def test_wandb_offline_history_and_resume(tmp_path, wandb_env):
@@ -197,24 +124,24 @@ def test_wandb_offline_history_and_resume(tmp_path, wandb_env):
     expected = _write(logdir, steps=[0, 10, 20, 30], logging=cfg, run_config=run_config, run_name="work")
     run_id = (logdir / WANDB_ID_FILE).read_text().strip()
     (first_dir,) = (wandb_env / "wandb").glob("offline-run-*")
-    _finished_log(first_dir)
+    wandb_offline.finished_log(first_dir)
     time.sleep(1.01 - time.time() % 1.0)  # offline run directories are named to the second
     with MetricWriter(logdir, logging=cfg, run_config=run_config, run_name="work") as w:  # resumed at 10
         assert w.wandb_run.id == run_id
         for s in (20, 30, 40):
             w.write_scalars(s, {"train/loss": -s})
 
-    (first_id, first, config), (second_id, second, _) = _wandb_runs(wandb_env)
-    assert first_id == second_id == run_id
+    first, second = wandb_offline.offline_runs(wandb_env)
+    assert first.id == second.id == run_id
+    assert first.name == second.name == "work"
+    config = first.config
     assert config["model.preset"] == "tiny" and config["model.num_blocks"] == 2
     assert config["train.lr"] == 1e-4 and config["train.betas"] == [0.9, 0.95]
-    assert [{k: v for k, v in row.items() if not k.startswith("_")} for row in first] == [
+    assert [{k: v for k, v in row.items() if not k.startswith("_")} for row in first.rows] == [
         {"step": s, **{tag: dict(expected[tag])[s] for tag in expected}} for s in (0, 10, 20, 30)]
-    assert [(row["step"], row["train/loss"]) for row in second] == [(20, -20.0), (30, -30.0), (40, -40.0)]
-    latest: dict[int, float] = {}
-    for row in first + second:
-        latest[row["step"]] = row["train/loss"]
-    assert sorted(latest.items()) == read_csv(logdir)["train/loss"]  # W&B rows, last wins == the CSV
+    assert [(r["step"], r["train/loss"]) for r in second.rows] == [(20, -20.0), (30, -30.0), (40, -40.0)]
+    # Both runs' rows, last write wins: the CSV's values, full float64 precision.
+    assert wandb_offline.scalars(first.rows + second.rows) == read_csv(logdir)
 
 
 def test_wandb_missing_or_bad_mode(monkeypatch):
@@ -260,3 +187,4 @@ def test_plot_curves(tmp_path):
         out = tmp_path / name
         assert plot_curves.main([str(tmp_path), "--out", str(out), *args]) == 0  # workdir -> workdir/logs
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
