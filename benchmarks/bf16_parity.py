@@ -53,10 +53,10 @@ def run_config(config: str) -> list[dict]:
     keys = json.loads((directory / f"{config}__backbone_keys.json").read_text())
     cfg = GemNetOCConfig.from_jmp_hparams(meta["backbone_hparams"])
     num_tasks = len(meta["tasks"])
-    pre_vars = mapping.convert_pretrain(mapping.recipe_state_dict(keys, meta, layout="pretrain"), cfg, num_tasks)
+    pre_vars = mapping.convert_pretrain(parity.recipe_state_dict(keys, meta, layout="pretrain"), cfg, num_tasks)
     ft_cfg = cfg.without_forces()
     ft_vars = mapping.convert_finetune_energy(
-        mapping.recipe_state_dict(keys, meta, layout="finetune_energy", with_forces=False), ft_cfg)
+        parity.recipe_state_dict(keys, meta, layout="finetune_energy", with_forces=False), ft_cfg)
     pretrain, finetune = GemNetOCPretrain(cfg, num_tasks), GemNetOCEnergyForces(ft_cfg)
     rows = []
     for path in parity.system_files(config=config):

@@ -193,3 +193,69 @@ def edge_keys(senders, receivers, offsets) -> list[tuple]:
     """(source, target, offset) keys, the identity of an edge across orderings."""
     offsets = np.rint(np.asarray(offsets)).astype(np.int64)
     return list(zip(np.asarray(senders).tolist(), np.asarray(receivers).tolist(), map(tuple, offsets.tolist())))
+
+
+def recipe_state_dict(
+    backbone_keys: dict,
+    meta: dict,
+    layout: str = "pretrain",
+    salt: str = "",
+    with_forces: bool = True,
+    num_tasks: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The fixtures' weights (`recipe_array`) as a torch-style state_dict of float32 arrays.
+
+    backbone_keys / meta: the parsed `{config}__backbone_keys.json` / `__meta.json`.
+    layout: "pretrain" (embedding.atom_embedding, backbone.*, output.out_{energy,forces}.{t})
+      or "finetune_energy" (embedding.weight, backbone.*, bias-free out_energy).
+    salt: "" for model weights, "ema:" for the EMA copy.
+    with_forces: backbone keys with the direct-force branch or without.
+    Buffers (rbf offset/temps, scale factors) come from `meta`, unsalted.
+    """
+    hp = meta["backbone_hparams"]
+    ea, ee = int(hp["emb_size_atom"]), int(hp["emb_size_edge"])
+    scale_factors = meta["scale_factors"]
+    out: dict[str, np.ndarray] = {}
+
+    def add(key, shape, seed_key=None):
+        out[key] = recipe_array(salt + (seed_key or key), shape)
+
+    if layout == "pretrain":
+        add("embedding.atom_embedding.weight", (hp.get("num_elements", 120), ea))
+    elif layout == "finetune_energy":
+        # The fixtures' fine-tuning model shares the pre-training embedding tensor.
+        add("embedding.weight", (hp.get("num_elements", 120), ea), "embedding.atom_embedding.weight")
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+
+    entries = backbone_keys["with_direct_forces"]
+    keep = None if with_forces else set(
+        e if isinstance(e, str) else e["key"] for e in backbone_keys["without_forces"]
+    )
+    for e in entries:
+        key, shape = e["key"], tuple(e["shape"])
+        if keep is not None and key not in keep:
+            continue
+        local = key[len("backbone.") :]
+        if local.endswith(".rbf.offset"):
+            out[key] = np.asarray(meta["rbf_offset"], np.float32)
+        elif local.endswith(".rbf.temps"):
+            out[key] = np.asarray(meta["rbf_temps"], np.float32)
+        elif local.endswith(".scale_factor"):
+            out[key] = np.asarray(scale_factors[local[: -len(".scale_factor")]], np.float32)
+        else:
+            add(key, shape, local.replace(".seq_energy_pre.", ".layers."))
+
+    if layout == "pretrain":
+        tasks = num_tasks if num_tasks is not None else len(meta.get("tasks", [])) or 4
+        for t in range(tasks):
+            for head, width in (("out_energy", ea), ("out_forces", ee)):
+                for k in (0, 2, 4, 6):
+                    add(f"output.{head}.{t}.{k}.weight", (width, width))
+                    add(f"output.{head}.{t}.{k}.bias", (width,))
+                add(f"output.{head}.{t}.8.weight", (1, width))
+    else:
+        for k in (0, 2, 4, 6):
+            add(f"out_energy.{k}.weight", (ea, ea))
+        add("out_energy.8.weight", (1, ea))
+    return out

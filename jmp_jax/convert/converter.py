@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jmp_jax.constants import PRETRAIN_TASKS
 from jmp_jax.convert import mapping
-from jmp_jax.convert.checkpoint import CheckpointInfo, load_checkpoint
+from jmp_jax.convert.jmp_checkpoint import CheckpointInfo, load_checkpoint
 from jmp_jax.models.config import GemNetOCConfig
 
 DEFAULT_TASKS = PRETRAIN_TASKS  # released JMP head order (spec §4, §9)

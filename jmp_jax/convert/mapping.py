@@ -5,9 +5,11 @@ Output: Flax variables {"params": ..., "constants": ...} for one of our models.
 
 How it works. Per-module mapper functions (`_dense`, `_residual`, `_bases`,
 `_interaction_block`, …) walk JMP's module tree for a config and yield one
-`Entry` per torch tensor: where it goes in the Flax tree and how it is
-transformed (transpose a Linear weight, reinterpret a BasisEmbedding weight
-row-major, copy a scalar). `apply_entries` then
+`Entry` per torch tensor: its shape in the checkpoint, where it goes in the Flax
+tree and how it is transformed (transpose a Linear weight, reinterpret a
+BasisEmbedding weight row-major, copy a scalar). This walk is the one spelling of
+JMP's backbone key tree: `backbone_torch_shapes` (what the checkpoint reader
+checks a state dict against) is derived from it. `apply_entries` then
   1. fills every Flax variable of the target model with NaN,
   2. copies every mapped tensor (a shape mismatch is a ValueError naming the key),
   3. rejects torch keys that are neither mapped nor on the explicit ignore list,
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import zlib
 from typing import Callable, Iterable, Iterator, Mapping
 
 import jax
@@ -58,12 +59,17 @@ PRETRAIN_HEADS = (r"^output\.out_(energy|forces)\.",)
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One torch tensor's destination: variables[collection][path...] = transform(value)."""
+    """One torch tensor's destination: variables[collection][path...] = transform(value).
+
+    `shape`: the tensor's shape in JMP's checkpoint (backbone entries; None for heads
+    and embeddings, whose widths the mappers are not given).
+    """
 
     torch_key: str
     collection: str
     path: tuple[str, ...]
     transform: Callable[[np.ndarray, tuple], np.ndarray]
+    shape: tuple[int, ...] | None = None
 
 
 # ------------------------------------------------------------------ transforms
@@ -85,133 +91,153 @@ def _reinterpret(value, target_shape):
 
 
 # -------------------------------------------------------------- module mappers
-def _dense(tk: str, fp: tuple) -> Iterator[Entry]:
-    yield Entry(f"{tk}.linear.weight", PARAMS, fp + ("kernel",), _transpose)
+# Each mapper walks one JMP module for a config `cfg` (a GemNetOCConfig, or any object
+# with its width/count fields and `direct_forces`) and yields its tensors with their
+# torch shapes: Linear weights are (out, in), BasisEmbedding weights (R, S', I).
+def _dense(tk: str, fp: tuple, out: int, inp: int) -> Iterator[Entry]:
+    yield Entry(f"{tk}.linear.weight", PARAMS, fp + ("kernel",), _transpose, (out, inp))
 
 
-def _residual(tk: str, fp: tuple) -> Iterator[Entry]:
+def _residual(tk: str, fp: tuple, width: int) -> Iterator[Entry]:
     for k in range(2):
-        yield from _dense(f"{tk}.dense_mlp.{k}", fp + (f"dense_mlp_{k}",))
+        yield from _dense(f"{tk}.dense_mlp.{k}", fp + (f"dense_mlp_{k}",), width, width)
 
 
-def _residuals(tk: str, fp: tuple, count: int, start: int = 0) -> Iterator[Entry]:
+def _residuals(tk: str, fp: tuple, count: int, width: int, start: int = 0) -> Iterator[Entry]:
     for k in range(start, start + count):
-        yield from _residual(f"{tk}.{k}", fp[:-1] + (f"{fp[-1]}_{k}",))
+        yield from _residual(f"{tk}.{k}", fp[:-1] + (f"{fp[-1]}_{k}",), width)
 
 
 def _scale(tk: str, fp: tuple) -> Iterator[Entry]:
-    yield Entry(f"{tk}.scale_factor", CONSTANTS, fp + ("scale_factor",), _copy)
+    yield Entry(f"{tk}.scale_factor", CONSTANTS, fp + ("scale_factor",), _copy, ())
 
 
-def _basis_embedding(tk: str, fp: tuple) -> Iterator[Entry]:
-    yield Entry(f"{tk}.weight", PARAMS, fp + ("weight",), _reinterpret)
-
-
-def _bilinear(tk: str, fp: tuple) -> Iterator[Entry]:
-    yield from _dense(f"{tk}.bilinear", fp + ("bilinear",))
+def _basis_embedding(tk: str, fp: tuple, shape: tuple[int, int, int]) -> Iterator[Entry]:
+    yield Entry(f"{tk}.weight", PARAMS, fp + ("weight",), _reinterpret, shape)
 
 
 def _bases(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
-    yield Entry(f"{tk}.{RBF_INSTANCES[0]}.rbf.offset", CONSTANTS, fp + ("rbf_offset",), _copy)
-    yield Entry(f"{tk}.{RBF_INSTANCES[0]}.rbf.temps", CONSTANTS, fp + ("rbf_temps",), _copy)
-    for name in ("qint", "aeint", "eaint", "tint", "h", "out"):
-        yield from _dense(f"{tk}.mlp_rbf_{name}", fp + (f"mlp_rbf_{name}",))
-    for name in ("qint", "aeint", "eaint", "tint"):
-        yield from _basis_embedding(f"{tk}.mlp_cbf_{name}", fp + (f"mlp_cbf_{name}",))
-    yield from _basis_embedding(f"{tk}.mlp_sbf_qint", fp + ("mlp_sbf_qint",))
-    yield Entry(f"{tk}.mlp_rbf_aint.weight", PARAMS, fp + ("mlp_rbf_aint",), _transpose)
-    yield from _dense(f"{tk}.edge_emb.dense", fp + ("edge_emb", "dense"))
+    R, S = cfg.num_radial, cfg.num_spherical
+    rbf, cbf = cfg.emb_size_rbf, cfg.emb_size_cbf
+    yield Entry(f"{tk}.{RBF_INSTANCES[0]}.rbf.offset", CONSTANTS, fp + ("rbf_offset",), _copy, (R,))
+    yield Entry(f"{tk}.{RBF_INSTANCES[0]}.rbf.temps", CONSTANTS, fp + ("rbf_temps",), _copy, (R,))
+    for name in ("qint", "aeint", "eaint", "aint", "tint"):
+        if name == "aint":  # a bare weight matrix, not a Dense module
+            yield Entry(f"{tk}.mlp_rbf_aint.weight", PARAMS, fp + ("mlp_rbf_aint",), _transpose, (rbf, R))
+            continue
+        yield from _dense(f"{tk}.mlp_rbf_{name}", fp + (f"mlp_rbf_{name}",), rbf, R)
+        yield from _basis_embedding(f"{tk}.mlp_cbf_{name}", fp + (f"mlp_cbf_{name}",), (R, S, cbf))
+        if name == "qint":
+            yield from _basis_embedding(f"{tk}.mlp_sbf_qint", fp + ("mlp_sbf_qint",), (R, S * S, cfg.emb_size_sbf))
+    for name in ("h", "out"):
+        yield from _dense(f"{tk}.mlp_rbf_{name}", fp + (f"mlp_rbf_{name}",), rbf, R)
+    A, E = cfg.emb_size_atom, cfg.emb_size_edge
+    yield from _dense(f"{tk}.edge_emb.dense", fp + ("edge_emb", "dense"), E, 2 * A + R)
 
 
-def _edge_interaction(tk, fp, first: str, bilinear: str, up: tuple[str, ...], scales, extra=()):
-    yield from _dense(f"{tk}.{first}", fp + (first,))
-    yield from _dense(f"{tk}.mlp_rbf", fp + ("mlp_rbf",))
-    yield from _dense(f"{tk}.down_projection", fp + ("down_projection",))
-    for name in up:
-        yield from _dense(f"{tk}.{name}", fp + (name,))
-    yield from _bilinear(f"{tk}.{bilinear}", fp + (bilinear,))
-    for name in extra:
-        yield from _dense(f"{tk}.{name}", fp + (name,))
-    for name in scales:
-        yield from _scale(f"{tk}.{name}", fp + (name,))
+def _interaction(tk: str, fp: tuple, parts: tuple[tuple[str, tuple[int, ...]], ...]) -> Iterator[Entry]:
+    """An interaction module's parts in JMP's order: a Dense layer by name and (out, in)
+    (``"mlp_cbf.bilinear"`` is the Dense ``bilinear`` inside the module ``mlp_cbf``), or a
+    scale factor (shape ``()``)."""
+    for name, shape in parts:
+        if shape == ():
+            yield from _scale(f"{tk}.{name}", fp + (name,))
+        else:
+            yield from _dense(f"{tk}.{name}", fp + tuple(name.split(".")), *shape)
 
 
 def _interaction_block(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
-    sym = ("up_projection_ca", "up_projection_ac")
-    yield from _dense(f"{tk}.dense_ca", fp + ("dense_ca",))
-    yield from _edge_interaction(
-        f"{tk}.trip_interaction", fp + ("trip_interaction",), "dense_ba", "mlp_cbf", sym, ("scale_rbf", "scale_cbf_sum")
-    )
-    yield from _edge_interaction(
-        f"{tk}.quad_interaction",
-        fp + ("quad_interaction",),
-        "dense_db",
-        "mlp_sbf",
-        sym,
-        ("scale_rbf", "scale_cbf", "scale_sbf_sum"),
-        extra=("mlp_cbf",),
-    )
-    yield from _edge_interaction(
-        f"{tk}.atom_edge_interaction",
-        fp + ("atom_edge_interaction",),
-        "dense_ba",
-        "mlp_cbf",
-        sym,
-        ("scale_rbf", "scale_cbf_sum"),
-    )
-    yield from _edge_interaction(
-        f"{tk}.edge_atom_interaction",
-        fp + ("edge_atom_interaction",),
-        "dense_ba",
-        "mlp_cbf",
-        ("up_projection_ca",),
-        ("scale_rbf", "scale_cbf_sum"),
-    )
-    ai, af = f"{tk}.atom_interaction", fp + ("atom_interaction",)
-    yield from _dense(f"{ai}.bilinear", af + ("bilinear",))
-    yield from _dense(f"{ai}.down_projection", af + ("down_projection",))
-    yield from _dense(f"{ai}.up_projection", af + ("up_projection",))
-    yield from _scale(f"{ai}.scale_rbf_sum", af + ("scale_rbf_sum",))
-    yield from _residuals(f"{tk}.layers_before_skip", fp + ("layers_before_skip",), cfg.num_before_skip)
-    yield from _residuals(f"{tk}.layers_after_skip", fp + ("layers_after_skip",), cfg.num_after_skip)
-    yield from _residuals(f"{tk}.atom_emb_layers", fp + ("atom_emb_layers",), cfg.num_atom_emb_layers)
+    A, E, rbf, cbf = cfg.emb_size_atom, cfg.emb_size_edge, cfg.emb_size_rbf, cfg.emb_size_cbf
+    ti, to = cfg.emb_size_trip_in, cfg.emb_size_trip_out
+    qi, qo = cfg.emb_size_quad_in, cfg.emb_size_quad_out
+    ai, ao = cfg.emb_size_aint_in, cfg.emb_size_aint_out
+
+    def trip(width: int, *up):  # the triplet-based interactions
+        return (("dense_ba", (width, width)), ("mlp_rbf", (width, rbf)), ("scale_rbf", ()),
+                ("mlp_cbf.bilinear", (to, cbf * ti)), ("scale_cbf_sum", ()), ("down_projection", (ti, width)), *up)  # fmt: skip
+
+    up_ca, up_ac = ("up_projection_ca", (E, to)), ("up_projection_ac", (E, to))
+    quad = (("dense_db", (E, E)), ("mlp_rbf", (E, rbf)), ("scale_rbf", ()), ("mlp_cbf", (qi, cbf)),
+            ("scale_cbf", ()), ("mlp_sbf.bilinear", (qo, cfg.emb_size_sbf * qi)), ("scale_sbf_sum", ()),
+            ("down_projection", (qi, E)), ("up_projection_ca", (E, qo)), ("up_projection_ac", (E, qo)))  # fmt: skip
+    atom = (("bilinear", (ao, rbf * ai)), ("scale_rbf_sum", ()), ("down_projection", (ai, A)),
+            ("up_projection", (A, ao)))  # fmt: skip
+    yield from _dense(f"{tk}.dense_ca", fp + ("dense_ca",), E, E)
+    for name, parts in (
+        ("trip_interaction", trip(E, up_ca, up_ac)),
+        ("quad_interaction", quad),
+        ("atom_edge_interaction", trip(A, up_ca, up_ac)),
+        ("edge_atom_interaction", trip(E, ("up_projection_ca", (A, to)))),
+        ("atom_interaction", atom),
+    ):
+        yield from _interaction(f"{tk}.{name}", fp + (name,), parts)
+    yield from _residuals(f"{tk}.layers_before_skip", fp + ("layers_before_skip",), cfg.num_before_skip, E)
+    yield from _residuals(f"{tk}.layers_after_skip", fp + ("layers_after_skip",), cfg.num_after_skip, E)
+    yield from _residuals(f"{tk}.atom_emb_layers", fp + ("atom_emb_layers",), cfg.num_atom_emb_layers, A)
     yield from _edges_to_atoms(cfg, f"{tk}.atom_update", fp + ("atom_update",))
-    yield from _dense(f"{tk}.concat_layer.dense", fp + ("concat_layer", "dense"))
-    yield from _residuals(f"{tk}.residual_m", fp + ("residual_m",), cfg.num_concat)
+    yield from _dense(f"{tk}.concat_layer.dense", fp + ("concat_layer", "dense"), E, 2 * A + E)
+    yield from _residuals(f"{tk}.residual_m", fp + ("residual_m",), cfg.num_concat, E)
 
 
 def _edges_to_atoms(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
-    yield from _dense(f"{tk}.dense_rbf", fp + ("dense_rbf",))
+    A, E = cfg.emb_size_atom, cfg.emb_size_edge
+    yield from _dense(f"{tk}.dense_rbf", fp + ("dense_rbf",), E, cfg.emb_size_rbf)
     yield from _scale(f"{tk}.scale_sum", fp + ("scale_sum",))
-    yield from _dense(f"{tk}.layers.0", fp + ("layers_0",))
-    yield from _residuals(f"{tk}.layers", fp + ("layers",), cfg.num_atom, start=1)
+    yield from _dense(f"{tk}.layers.0", fp + ("layers_0",), A, E)
+    yield from _residuals(f"{tk}.layers", fp + ("layers",), cfg.num_atom, A, start=1)
 
 
 def _output_block(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
     yield from _edges_to_atoms(cfg, tk, fp)
-    yield from _residuals(f"{tk}.seq_energy2", fp + ("seq_energy2",), cfg.num_output_afteratom)
+    yield from _residuals(f"{tk}.seq_energy2", fp + ("seq_energy2",), cfg.num_output_afteratom, cfg.emb_size_atom)
     if cfg.direct_forces:
-        yield from _residuals(f"{tk}.seq_forces", fp + ("seq_forces",), cfg.num_output_afteratom)
-        yield from _dense(f"{tk}.dense_rbf_F", fp + ("dense_rbf_F",))
+        E = cfg.emb_size_edge
         yield from _scale(f"{tk}.scale_rbf_F", fp + ("scale_rbf_F",))
+        yield from _residuals(f"{tk}.seq_forces", fp + ("seq_forces",), cfg.num_output_afteratom, E)
+        yield from _dense(f"{tk}.dense_rbf_F", fp + ("dense_rbf_F",), E, cfg.emb_size_rbf)
 
 
-def _final_mlp(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
-    yield from _dense(f"{tk}.out_mlp.0", fp + ("out_mlp_0",))
-    yield from _residuals(f"{tk}.out_mlp", fp + ("out_mlp",), cfg.num_global_out_layers, start=1)
+def _final_mlp(cfg: GemNetOCConfig, tk: str, fp: tuple, width: int) -> Iterator[Entry]:
+    yield from _dense(f"{tk}.out_mlp.0", fp + ("out_mlp_0",), width, width * (cfg.num_blocks + 1))
+    yield from _residuals(f"{tk}.out_mlp", fp + ("out_mlp",), cfg.num_global_out_layers, width, start=1)
 
 
 def backbone_entries(cfg: GemNetOCConfig, tk: str = "backbone", fp: tuple = ("backbone",)) -> list[Entry]:
-    """Every backbone tensor of a JMP checkpoint (prefix `tk.`) -> our backbone at `fp`."""
+    """Every mapped backbone tensor of a JMP checkpoint (prefix `tk.`) -> our backbone at `fp`."""
     p = f"{tk}." if tk else ""
     out = list(_bases(cfg, f"{p}bases", fp + ("bases",)))
     for i in range(cfg.num_blocks):
         out += _interaction_block(cfg, f"{p}int_blocks.{i}", fp + (f"int_blocks_{i}",))
     for j in range(cfg.num_blocks + 1):
         out += _output_block(cfg, f"{p}out_blocks.{j}", fp + (f"out_blocks_{j}",))
-    out += _final_mlp(cfg, f"{p}out_mlp_E", fp + ("out_mlp_E",))
+    out += _final_mlp(cfg, f"{p}out_mlp_E", fp + ("out_mlp_E",), cfg.emb_size_atom)
     if cfg.direct_forces:
-        out += _final_mlp(cfg, f"{p}out_mlp_F", fp + ("out_mlp_F",))
+        out += _final_mlp(cfg, f"{p}out_mlp_F", fp + ("out_mlp_F",), cfg.emb_size_edge)
+    return out
+
+
+def backbone_torch_shapes(cfg: GemNetOCConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of a JMP backbone state dict (without ``backbone.``) with its shape, in
+    JMP's order (``model.state_dict()``, which JMP's EMA rule relies on).
+
+    The mapped tensors (`backbone_entries`) plus what JMP stores twice and the mapping
+    only checks or skips: the buffers of the 7 other radial bases (`RBF_INSTANCES`,
+    after the first one's) and the ``out_blocks.{j}.seq_energy_pre.*`` aliases (after
+    ``out_blocks.{j}.layers.*``).
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    aliases: list[str] = []
+    for e in backbone_entries(cfg, tk="", fp=()):
+        if aliases and not re.match(r"out_blocks\.\d+\.layers\.", e.torch_key):
+            out.update((k.replace(".layers.", ".seq_energy_pre.", 1), out[k]) for k in aliases)
+            aliases = []
+        out[e.torch_key] = e.shape
+        if e.torch_key == f"bases.{RBF_INSTANCES[0]}.rbf.temps":
+            for inst in RBF_INSTANCES[1:]:
+                for buf in ("offset", "temps"):
+                    out[f"bases.{inst}.rbf.{buf}"] = e.shape
+        elif re.match(r"out_blocks\.\d+\.layers\.", e.torch_key):
+            aliases.append(e.torch_key)
     return out
 
 
@@ -395,77 +421,3 @@ def convert_backbone(state_dict, cfg: GemNetOCConfig, prefix: str = "backbone", 
 
     shapes = variable_shapes(GemNetOCBackbone(cfg))
     return apply_entries(state_dict, backbone_entries(cfg, prefix, ()), shapes, ignore_patterns(cfg, extra_ignore))
-
-
-# ------------------------------------------------------------- weight recipe
-def recipe_tensor(key: str, shape, salt: str = "") -> np.ndarray:
-    """The parity fixtures' weight recipe (shared/parity/README.md)."""
-    seed = zlib.crc32((salt + key).encode()) % 2**32
-    shape = tuple(int(s) for s in shape)
-    scale = 1.0 / np.sqrt(shape[-1]) if len(shape) >= 2 else 0.1
-    return (np.random.RandomState(seed).standard_normal(shape) * scale).astype(np.float32)
-
-
-def recipe_state_dict(
-    backbone_keys: Mapping,
-    meta: Mapping,
-    layout: str = "pretrain",
-    salt: str = "",
-    with_forces: bool = True,
-    num_tasks: int | None = None,
-) -> dict[str, np.ndarray]:
-    """The fixtures' weights as a torch-style state_dict.
-
-    backbone_keys / meta: the parsed `{config}__backbone_keys.json` / `__meta.json`.
-    layout: "pretrain" (embedding.atom_embedding, backbone.*, output.out_{energy,forces}.{t})
-      or "finetune_energy" (embedding.weight, backbone.*, bias-free out_energy).
-    salt: "" for model weights, "ema:" for the EMA copy.
-    with_forces: backbone keys with the direct-force branch or without.
-    """
-    hp = meta["backbone_hparams"]
-    ea, ee = int(hp["emb_size_atom"]), int(hp["emb_size_edge"])
-    scale_factors = meta["scale_factors"]
-    out: dict[str, np.ndarray] = {}
-
-    def add(key, shape, seed_key=None):
-        out[key] = recipe_tensor(seed_key or key, shape, salt)
-
-    if layout == "pretrain":
-        add("embedding.atom_embedding.weight", (hp.get("num_elements", 120), ea))
-    elif layout == "finetune_energy":
-        # The fixtures' fine-tuning model shares the pre-training embedding tensor.
-        add("embedding.weight", (hp.get("num_elements", 120), ea), "embedding.atom_embedding.weight")
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
-
-    entries = backbone_keys["with_direct_forces"]
-    keep = None if with_forces else set(
-        e if isinstance(e, str) else e["key"] for e in backbone_keys["without_forces"]
-    )
-    for e in entries:
-        key, shape = e["key"], tuple(e["shape"])
-        if keep is not None and key not in keep:
-            continue
-        local = key[len("backbone.") :]
-        if local.endswith(".rbf.offset"):
-            out[key] = np.asarray(meta["rbf_offset"], np.float32)
-        elif local.endswith(".rbf.temps"):
-            out[key] = np.asarray(meta["rbf_temps"], np.float32)
-        elif local.endswith(".scale_factor"):
-            out[key] = np.asarray(scale_factors[local[: -len(".scale_factor")]], np.float32)
-        else:
-            add(key, shape, local.replace(".seq_energy_pre.", ".layers."))
-
-    if layout == "pretrain":
-        tasks = num_tasks if num_tasks is not None else len(meta.get("tasks", [])) or 4
-        for t in range(tasks):
-            for head, width in (("out_energy", ea), ("out_forces", ee)):
-                for k in (0, 2, 4, 6):
-                    add(f"output.{head}.{t}.{k}.weight", (width, width))
-                    add(f"output.{head}.{t}.{k}.bias", (width,))
-                add(f"output.{head}.{t}.8.weight", (1, width))
-    else:
-        for k in (0, 2, 4, 6):
-            add(f"out_energy.{k}.weight", (ea, ea))
-        add("out_energy.8.weight", (1, ea))
-    return out

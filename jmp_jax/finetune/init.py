@@ -45,7 +45,7 @@ def read_pretrained(path) -> tuple[dict, str]:
         return variables, f"model directory {p} (kind {meta['kind']!r})"
     ckpt_dir = p / "checkpoints"
     if ckpt_dir.is_dir():
-        from jmp_jax.train.checkpoint import Checkpointer
+        from jmp_jax.train.checkpointing import Checkpointer
 
         ckpt = Checkpointer(ckpt_dir, async_save=False)
         try:

@@ -49,7 +49,7 @@ from jmp_jax.finetune.model import DMOE_EDGES, FinetuneModel, head_kind
 from jmp_jax.finetune.objective import NORMALIZATION, FinetuneObjective, normalization_constants
 from jmp_jax.graphs.build import GraphConfig
 from jmp_jax.train import engine, optim
-from jmp_jax.train.checkpoint import Checkpointer
+from jmp_jax.train.checkpointing import Checkpointer
 from jmp_jax.train.engine import Parts, Recipe, Run, RunShapes
 from jmp_jax.train.pretrain import compute_dtype, with_scale_factors
 

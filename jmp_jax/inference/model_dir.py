@@ -145,7 +145,7 @@ def export_pretraining(workdir, out, source: str | None = None) -> Path:
     import ml_collections
 
     from jmp_jax.finetune.init import read_pretrained
-    from jmp_jax.train.checkpoint import Checkpointer
+    from jmp_jax.train.checkpointing import Checkpointer
 
     workdir = Path(workdir).expanduser()
     ckpt_dir = workdir / "checkpoints"

@@ -14,9 +14,8 @@ import zlib
 
 import numpy as np
 import pytest
-from torchzip_writer import Call, Global, write_torch_zip
 
-from jmp_jax.convert.checkpoint import (
+from jmp_jax.convert.jmp_checkpoint import (
     BACKBONE_HPARAM_FIELDS,
     SIZE_PRESETS,
     backbone_key_shapes,
@@ -29,8 +28,9 @@ from jmp_jax.convert.checkpoint import (
     read_checkpoint,
     size_from_hparams,
 )
-from jmp_jax.convert.torch_pickle import InertObject
 from jmp_jax.parity import parity_dir
+from jmp_jax.torchfile import InertObject
+from tests.torchfile.writer import Call, Global, write_torch_zip
 
 PARITY = parity_dir()
 CKPTS = sorted(PARITY.glob("*_pretrain.ckpt"))
@@ -395,7 +395,7 @@ def test_synthetic_checkpoint_with_ema():
 def test_missing_ema_warns_and_falls_back(caplog):
     sd, _ = _synthetic()
     for ckpt in (_lightning(sd, None), sd, {"model": sd}):
-        with caplog.at_level(logging.WARNING, logger="jmp_jax.convert.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="jmp_jax.convert.jmp_checkpoint"):
             caplog.clear()
             out, info = extract_state_dict(ckpt)
         assert "no EMA weights" in caplog.text
@@ -528,7 +528,7 @@ def test_end_to_end_through_a_file(tmp_path, mmap_read):
 
 
 def test_expanded_view_in_a_state_dict_is_not_materialised(tmp_path):
-    from torchzip_writer import Storage, Tensor
+    from tests.torchfile.writer import Storage, Tensor
 
     sd, _ = _synthetic()
     sd = dict(sd)

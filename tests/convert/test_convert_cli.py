@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase import Atoms
-from torchzip_writer import Call, Global, write_torch_zip
 
 from jmp_jax import parity
-from jmp_jax.convert.checkpoint import read_checkpoint
+from jmp_jax.convert.jmp_checkpoint import read_checkpoint
 from jmp_jax.inference import load
+from tests.torchfile.writer import Call, Global, write_torch_zip
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = parity.parity_dir() / "tiny_pretrain.ckpt"

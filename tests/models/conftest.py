@@ -101,10 +101,10 @@ class ConfigBundle:
         self.name = config
         self.cfg = model_config(config)
         self.cfg_noforces = self.cfg.without_forces()
-        sd = mapping.recipe_state_dict(backbone_keys(config), meta(config), layout="pretrain")
+        sd = parity.recipe_state_dict(backbone_keys(config), meta(config), layout="pretrain")
         self.pretrain_vars = mapping.convert_pretrain(sd, self.cfg, len(meta(config)["tasks"]))
         del sd
-        sd = mapping.recipe_state_dict(
+        sd = parity.recipe_state_dict(
             backbone_keys(config), meta(config), layout="finetune_energy", with_forces=False
         )
         self.finetune_vars = mapping.convert_finetune_energy(sd, self.cfg_noforces)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jmp_jax.data.batch import empty_like
 from jmp_jax.data.pipeline import shard_batches
 from jmp_jax.train import optim
-from jmp_jax.train.checkpoint import Checkpointer
+from jmp_jax.train.checkpointing import Checkpointer
 from jmp_jax.train.pretrain import build_run
 from jmp_jax.train.step import make_train_step, place, replicate
 from tests.train.common import get_config

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jmp_jax.train.checkpoint import Checkpointer
+from jmp_jax.train.checkpointing import Checkpointer
 from jmp_jax.train.metrics import read_csv
 from tests.train.common import ROOT, env, run_main
 

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jmp_jax.train import pretrain
-from jmp_jax.train.checkpoint import Checkpointer
+from jmp_jax.train.checkpointing import Checkpointer
 from jmp_jax.train.metrics import read_csv
 from tests.train.common import ROOT, env, get_config, run_main, start_main
 

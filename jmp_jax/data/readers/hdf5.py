@@ -49,7 +49,6 @@ import numpy as np
 
 from jmp_jax.data.readers import splits as _splits
 from jmp_jax.data.readers.base import EntrySource, IndexSplitSource, find_file, logger, ordered, require_option
-from jmp_jax.data.readers.pyg_pickle import PickleDecodeError, loads
 from jmp_jax.data.readers.units import (
     ASE_HARTREE,
     JMP_ANGSTROM_TO_BOHR,
@@ -62,6 +61,7 @@ from jmp_jax.data.readers.units import (
     scale,
 )
 from jmp_jax.data.record import Record, RecordError
+from jmp_jax.torchfile import PickleDecodeError, loads
 
 try:
     import h5py

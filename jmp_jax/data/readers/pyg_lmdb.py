@@ -57,8 +57,9 @@ import numpy as np
 
 from jmp_jax.data.readers.base import EntrySource, close_all, logger, open_all
 from jmp_jax.data.readers.lmdb_env import open_readonly, release
-from jmp_jax.data.readers.pyg_pickle import PickleDecodeError, describe, loads, pyg_fields
+from jmp_jax.data.readers.pyg_pickle import describe, pyg_fields
 from jmp_jax.data.record import Record, RecordError
+from jmp_jax.torchfile import PickleDecodeError, loads
 
 
 class LmdbShard:

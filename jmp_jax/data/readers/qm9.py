@@ -61,9 +61,11 @@ from ase.data import atomic_numbers as _SYMBOL_TO_Z
 
 from jmp_jax.data.readers import splits as _splits
 from jmp_jax.data.readers.base import IndexSplitSource, logger, ordered
-from jmp_jax.data.readers.pyg_pickle import PickleDecodeError, load_torch_any, pyg_fields
+from jmp_jax.data.readers.pyg_pickle import pyg_fields
 from jmp_jax.data.readers.units import PYG_HAR2EV, PYG_KCALMOL2EV
 from jmp_jax.data.record import Record, RecordError
+from jmp_jax.torchfile import PickleDecodeError
+from jmp_jax.torchfile import load_torch_file as load_torch_any
 
 QM9_TARGETS = (
     "mu", "alpha", "eps_HOMO", "eps_LUMO", "delta_eps", "R_2_Abs", "ZPVE", "U_0", "U", "H", "G", "c_v",

@@ -1,19 +1,16 @@
 """Writers of tiny synthetic files in each dataset's original layout (datasets_spec
-"Synthetic recipe" sections), and a torch-free writer of pickled PyG `Data`.
+"Synthetic recipe" sections).
 
-The pickle writer emits what ``pickle.dumps(torch_geometric.data.Data(...))``
-emits (see `jmp_jax.data.readers.pyg_pickle`): NEWOBJ of
-``torch_geometric.data.data.Data`` + BUILD of its state, tensors as
-``torch._utils._rebuild_tensor_v2(torch.storage._load_from_bytes(<legacy
-torch.save stream>), offset, size, stride, False, OrderedDict())``. Real torch /
-PyG pickles (made by ``data/make_torch_fixtures.py``) are checked against the
-same decoder in ``test_pyg_pickle.py``.
+Pickled PyG `Data` and torch streams come from the torch-free writer
+`tests.torchfile.writer` (``pyg_bytes`` emits what ``pickle.dumps(torch_geometric.
+data.Data(...))`` emits). Real torch / PyG pickles (made by
+``data/make_torch_fixtures.py``) are checked against the same decoder in
+``test_pyg_pickle.py``.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import pickle
 import types
@@ -23,215 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.torchfile.writer import (
+    Call,
+    Global,
+    PygData,
+    StreamTensor,
+    legacy_storage_stream,
+    legacy_torch_stream,
+    pyg_bytes,
+    raw_pickle,
+)
+
 DATA_DIR = Path(__file__).parent / "data"
-
-STORAGE_NAMES = {
-    "float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage", "int64": "LongStorage",
-    "int32": "IntStorage", "int16": "ShortStorage", "int8": "CharStorage", "uint8": "ByteStorage",
-    "bool": "BoolStorage",
-}  # fmt: skip
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-# --------------------------------------------------------------------------- torch-free pickles
-class Global:
-    """Pickled as the global ``module.name``; never resolved."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle wants reduce functions callable
-        raise RuntimeError("only a reference")
-
-
-class Call:
-    """Pickled as ``func(*args)``."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __call__(self, *args):
-        raise RuntimeError("only a description")
-
-    def __reduce__(self):
-        return (self.func, self.args)
-
-
-class Tensor:
-    """A torch tensor of `array`'s shape over a legacy per-storage stream.
-
-    By default the storage is `array` itself (contiguous); `storage`, `offset` and
-    `stride` (in elements) describe a view instead, and `storage_bytes` replaces the
-    stream (corruption tests).
-    """
-
-    def __init__(
-        self,
-        array,
-        offset: int = 0,
-        storage: np.ndarray | None = None,
-        stride=None,
-        storage_bytes: bytes | None = None,
-    ):
-        array = np.array(array, order="C")
-        self.shape = array.shape
-        self.storage = array.reshape(-1) if storage is None else storage
-        self.stride = tuple(s // array.itemsize for s in array.strides) if stride is None else tuple(stride)
-        self.offset = offset
-        self.storage_bytes = storage_bytes
-
-    def __reduce__(self):
-        data = self.storage_bytes if self.storage_bytes is not None else legacy_storage_stream(self.storage)
-        storage = Call(Global("torch.storage", "_load_from_bytes"), data)
-        hooks = Call(Global("collections", "OrderedDict"))
-        return (
-            Global("torch._utils", "_rebuild_tensor_v2"),
-            (storage, self.offset, tuple(self.shape), self.stride, False, hooks),
-        )
-
-
-class PygData:
-    """A PyG `Data` with these fields; ``version=2`` (``_store``) or ``1`` (``__dict__``)."""
-
-    def __init__(self, fields: dict, version: int = 2):
-        self.fields, self.version = fields, version
-
-
-class _Storage:
-    def __init__(self, key, array):
-        self.key, self.array = key, array
-
-
-class _Pickler(pickle._Pickler):
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def __init__(self, file, protocol, storages=None):
-        super().__init__(file, protocol=protocol)
-        self._storages = storages
-
-    def save_global_ref(self, obj):
-        if self.proto >= 4:
-            self.save(obj.module)
-            self.save(obj.name)
-            self.write(pickle.STACK_GLOBAL)
-        else:
-            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-        self.memoize(obj)
-
-    def _newobj(self, cls: Global, obj, state):
-        self.save(cls)
-        self.save(())
-        self.write(pickle.NEWOBJ)
-        self.memoize(obj)
-        self.save(state)
-        self.write(pickle.BUILD)
-
-    def save_pyg(self, obj):
-        data_cls = Global("torch_geometric.data.data", "Data")
-        if obj.version == 1:
-            self._newobj(data_cls, obj, dict(obj.fields))
-            return
-        store = types.SimpleNamespace(mapping=dict(obj.fields), parent=obj)
-        self._newobj(
-            data_cls,
-            obj,
-            {
-                "_store": store,
-                "_edge_attr_cls": Global("torch_geometric.data.data", "DataEdgeAttr"),
-                "_tensor_attr_cls": Global("torch_geometric.data.data", "DataTensorAttr"),
-            },
-        )
-
-    def save_store(self, obj):
-        self._newobj(
-            Global("torch_geometric.data.storage", "GlobalStorage"),
-            obj,
-            {"_mapping": obj.mapping, "_parent": obj.parent},
-        )
-
-    dispatch[Global] = save_global_ref
-    dispatch[PygData] = save_pyg
-    dispatch[types.SimpleNamespace] = save_store
-
-    def persistent_id(self, obj):
-        if isinstance(obj, _Storage):
-            return (
-                "storage",
-                Global("torch", STORAGE_NAMES[obj.array.dtype.name]),
-                obj.key,
-                "cpu",
-                int(obj.array.size),
-                None,
-            )
-        return None
-
-    def save(self, obj, save_persistent_id=True):
-        if isinstance(obj, np.ndarray):
-            if self._storages is not None:  # whole legacy file: tensors over persistent storages
-                key = str(len(self._storages))
-                arr = np.array(obj, order="C")
-                self._storages.append(_Storage(key, arr.reshape(-1)))
-                stride = tuple(s // arr.itemsize for s in arr.strides)
-                obj = Call(
-                    Global("torch._utils", "_rebuild_tensor_v2"),
-                    self._storages[-1],
-                    0,
-                    arr.shape,
-                    stride,
-                    False,
-                    Call(Global("collections", "OrderedDict")),
-                )
-            else:
-                obj = Tensor(obj)
-        return super().save(obj, save_persistent_id)
-
-
-def legacy_torch_stream(obj) -> bytes:
-    """``torch.save(obj, f, _use_new_zipfile_serialization=False)`` without torch."""
-    buf = io.BytesIO()
-    for header in (
-        LEGACY_MAGIC,
-        1001,
-        {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
-    ):
-        pickle.dump(header, buf, protocol=2)
-    storages: list[_Storage] = []
-    _Pickler(buf, 2, storages).dump(obj)
-    pickle.dump([s.key for s in storages], buf, protocol=2)
-    for s in storages:
-        buf.write(np.int64(s.array.size).tobytes())
-        buf.write(s.array.astype(s.array.dtype.newbyteorder("<")).tobytes())
-    return buf.getvalue()
-
-
-def legacy_storage_stream(array: np.ndarray, key: str = "94000000000000") -> bytes:
-    """What ``torch.storage._load_from_bytes`` receives for one storage."""
-    buf = io.BytesIO()
-    for header in (
-        LEGACY_MAGIC,
-        1001,
-        {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
-    ):
-        pickle.dump(header, buf, protocol=2)
-    root = _Storage(key, np.asarray(array).reshape(-1))
-    _Pickler(buf, 2).dump(root)
-    pickle.dump([key], buf, protocol=2)
-    buf.write(np.int64(root.array.size).tobytes())
-    buf.write(root.array.tobytes())
-    return buf.getvalue()
-
-
-def pyg_bytes(fields: dict, version: int = 2, protocol: int = 4) -> bytes:
-    """``pickle.dumps(Data(**fields))`` as torch + PyG would write it (numpy arrays -> tensors)."""
-    buf = io.BytesIO()
-    _Pickler(buf, protocol).dump(PygData(fields, version))
-    return buf.getvalue()
-
-
-def raw_pickle(obj, protocol: int = 4) -> bytes:
-    buf = io.BytesIO()
-    _Pickler(buf, protocol).dump(obj)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- LMDB directories
@@ -542,7 +342,7 @@ def make():
         structure=pymatgen_structure,
         Global=Global,
         Call=Call,
-        Tensor=Tensor,
+        Tensor=StreamTensor,
         PygData=PygData,
     )
 

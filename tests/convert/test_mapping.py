@@ -23,7 +23,7 @@ CONFIGS = [
 
 
 def _tiny_sd():
-    return mapping.recipe_state_dict(backbone_keys("tiny"), meta("tiny"))
+    return parity.recipe_state_dict(backbone_keys("tiny"), meta("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""Regenerate `torch_objects.pt` / `torch_objects_expected.npz` / `torch_legacy.pt` (needs torch).
+"""Regenerate `torch_objects.pt` / `torch_objects_legacy.pt` / `torch_objects_expected.npz` (needs torch).
 
-    python tests/convert/data/make_torch_fixture.py
+    python tests/torchfile/data/make_torch_fixture.py
 
 Genuine `torch.save` output, so that the reader is tested against real PyTorch
 files even where torch is not installed. The expected arrays are torch's own
@@ -85,7 +85,8 @@ def main():
     obj = build()
     torch.save(obj, HERE / "torch_objects.pt")
     np.savez(HERE / "torch_objects_expected.npz", **expected(obj))
-    torch.save({"w": torch.arange(3, dtype=torch.float32)}, HERE / "torch_legacy.pt", _use_new_zipfile_serialization=False)
+    # the same objects in the legacy (pre-1.6, non-zip) format
+    torch.save(obj, HERE / "torch_objects_legacy.pt", _use_new_zipfile_serialization=False)
     print("torch", torch.__version__)
 
 

@@ -1,4 +1,4 @@
-"""The torch-free, code-free reader of torch.save files (jmp_jax.convert.torch_pickle)."""
+"""The torch-free, code-free reader of torch.save files (jmp_jax.torchfile): zip and legacy formats."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from torchzip_writer import Call, Global, Storage, Tensor, tensor_of, write_torch_zip
-
-from jmp_jax.convert.torch_pickle import (
+from jmp_jax.torchfile import (
     InertObject,
     TorchDType,
     TorchFileError,
@@ -24,6 +22,7 @@ from jmp_jax.convert.torch_pickle import (
     load_torch_file,
     to_builtin,
 )
+from tests.torchfile.writer import Call, Global, Storage, Tensor, tensor_of, write_torch_zip
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -38,9 +37,11 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- genuine torch files
 @pytest.mark.parametrize("mmap", [False, True])
-def test_genuine_torch_file(mmap):
-    """A file written by torch 2.13 (tests/convert/data/make_torch_fixture.py)."""
-    obj = load_torch_file(DATA / "torch_objects.pt", mmap=mmap)
+@pytest.mark.parametrize("name", ["torch_objects.pt", "torch_objects_legacy.pt"])
+def test_genuine_torch_file(name, mmap):
+    """Files written by torch 2.13 in both formats (tests/torchfile/data/make_torch_fixture.py)."""
+    obj = load_torch_file(DATA / name, mmap=mmap)
+    legacy = name == "torch_objects_legacy.pt"  # read whole: writable copies in both modes
     with np.load(DATA / "torch_objects_expected.npz") as f:
         expected = {k: f[k] for k in f.files}
     tensors = obj["tensors"]
@@ -50,7 +51,7 @@ def test_genuine_torch_file(mmap):
         got = _bits(value)
         assert got.dtype == want.dtype and got.shape == want.shape, key
         np.testing.assert_array_equal(got, want, err_msg=key)
-        if mmap and key != "conj":  # a lazy conjugate is materialised: a copy
+        if mmap and key != "conj" and not legacy:  # a lazy conjugate is materialised: a copy
             assert not value.flags.writeable, key
         else:
             assert value.flags.writeable and value.flags.c_contiguous, key
@@ -79,13 +80,20 @@ def test_copies_are_independent():
     np.testing.assert_array_equal(t["f32_t"], before)
 
 
-def test_legacy_torch_file_is_refused_with_advice():
-    with pytest.raises(TorchFileError, match=r"legacy serialization format.*torch\.save\(torch\.load"):
-        load_torch_file(DATA / "torch_legacy.pt")
+def test_legacy_file_object_and_truncation(tmp_path):
+    """A legacy file read from a file object; cut short, it is an error naming the file."""
+    with open(DATA / "torch_objects_legacy.pt", "rb") as f:
+        assert load_torch_file(f)["size"] == (2, 3)
+    data = (DATA / "torch_objects_legacy.pt").read_bytes()
+    p = tmp_path / "cut.pt"
+    p.write_bytes(data[:-100])
+    with pytest.raises(TorchFileError, match=r"cut\.pt: legacy torch storage .* truncated or corrupt"):
+        load_torch_file(p)
 
 
-def test_torch_roundtrip_random(tmp_path):
-    """Extra check where torch is importable: random tensors through torch.save."""
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_torch_roundtrip_random(tmp_path, zip_format):
+    """Extra check where torch is importable: random tensors through torch.save (both formats)."""
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(5, 7, generator=g)
@@ -98,7 +106,7 @@ def test_torch_roundtrip_random(tmp_path):
         "list": [base[2], base.double()],
     }
     path = tmp_path / "rt.pt"
-    torch.save(obj, path)
+    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
     got = load_torch_file(path)
     for k in ("a", "view", "half", "long", "param"):
         np.testing.assert_array_equal(got[k], obj[k].detach().numpy(), err_msg=k)
@@ -206,7 +214,7 @@ def test_not_a_zip(tmp_path):
 def test_legacy_magic_written_by_hand(tmp_path):
     p = tmp_path / "legacy.pt"
     p.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2))
-    with pytest.raises(TorchFileError, match="legacy serialization format"):
+    with pytest.raises(TorchFileError, match=r"legacy\.pt: malformed legacy torch"):
         load_torch_file(p)
 
 
@@ -402,7 +410,7 @@ def test_mmap_needs_a_path():
 def test_runs_without_torch_in_a_fresh_interpreter():
     """Reading does not import torch (nor anything the file names)."""
     code = (
-        "import sys; from jmp_jax.convert.torch_pickle import load_torch_file;"
+        "import sys; from jmp_jax.torchfile import load_torch_file;"
         f"load_torch_file({str(DATA / 'torch_objects.pt')!r});"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
@@ -430,7 +438,7 @@ def test_build_cannot_modify_shared_objects(tmp_path, target):
     with pytest.raises(TorchFileError, match="cannot unpickle"):
         load_torch_file(p)
     assert collections.Counter.update is before
-    from jmp_jax.convert.torch_pickle import inert_class
+    from jmp_jax.torchfile import inert_class
 
     assert "update" not in inert_class("jmp.tasks", "Config").__dict__
 

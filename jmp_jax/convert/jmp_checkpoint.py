@@ -2,7 +2,7 @@
 
 Pipeline (no torch needed, nothing from the file executed)::
 
-    ckpt = read_checkpoint(path)                      # safe unpickling (torch_pickle)
+    ckpt = read_checkpoint(path)                      # safe unpickling (jmp_jax.torchfile)
     state_dict, info = extract_state_dict(ckpt)       # EMA weights by default (spec §6.1)
     info.layout, info.size, info.hparams              # "pretrain", "s", {...GemNetOCConfig fields}
 
@@ -38,13 +38,15 @@ import dataclasses
 import logging
 import os
 import re
+import types
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from jmp_jax.constants import model_preset
-from jmp_jax.convert.torch_pickle import InertObject, UnsupportedTensor, load_torch_file, to_builtin
+from jmp_jax.convert import mapping
+from jmp_jax.torchfile import InertObject, UnsupportedTensor, load_torch_file, to_builtin
 
 __all__ = [
     "BACKBONE_HPARAM_FIELDS",
@@ -84,11 +86,6 @@ SIZE_PRESETS: dict[str, dict[str, int]] = {
 # A key every GemNet-OC backbone has; its prefix locates the backbone in a state dict.
 _ANCHOR = "bases.edge_emb.dense.linear.weight"
 _BACKBONE_TOP = ("bases.", "int_blocks.", "out_blocks.", "out_mlp_E.", "out_mlp_F.")
-_RADIAL_BASES = (
-    "radial_basis", "cbf_basis_qint.radial_basis", "sbf_basis_qint.radial_basis", "radial_basis_aeaint",
-    "cbf_basis_aeint.radial_basis", "cbf_basis_eaint.radial_basis", "radial_basis_aint",
-    "cbf_basis_tint.radial_basis",
-)  # fmt: skip
 _PRETRAIN_EMBEDDING = "embedding.atom_embedding.weight"
 _FINETUNE_EMBEDDING = "embedding.weight"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -96,7 +93,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 # --------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict:
-    """Load a ``torch.save`` checkpoint safely (see `torch_pickle`); the top level must be a dict.
+    """Load a ``torch.save`` checkpoint (zip or legacy format) safely (`jmp_jax.torchfile`); the top
+    level must be a dict.
 
     With ``mmap=True`` (default) tensors are read-only views into a memory map of
     the file, so optimizer state that is never used is never read;
@@ -225,133 +223,18 @@ def detect_layout(state_dict: Mapping[str, Any]) -> Layout:
 def backbone_key_shapes(
     hp: Mapping[str, Any], direct_forces: bool | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """Every backbone state-dict key (without ``backbone.``) with its shape, in JMP's order.
+    """Every backbone state-dict key (without ``backbone.``) with its shape.
 
     ``hp`` holds the `BACKBONE_HPARAM_FIELDS`; ``direct_forces`` defaults to
     ``hp["direct_forces"]`` (True if absent). Includes the rbf buffers, the scale
-    factors (shape ``()``) and the ``seq_energy_pre`` aliases.
+    factors (shape ``()``) and the ``seq_energy_pre`` aliases. The key tree is the
+    converter's (`mapping.backbone_torch_shapes`); ``hp`` may hold any widths (it is
+    not validated as a `GemNetOCConfig`).
     """
-    g = {k: int(hp[k]) for k in BACKBONE_HPARAM_FIELDS}
     if direct_forces is None:
         direct_forces = bool(hp.get("direct_forces", True))
-    nb, S, R = g["num_blocks"], g["num_spherical"], g["num_radial"]
-    A, E = g["emb_size_atom"], g["emb_size_edge"]
-    rbf, cbf, sbf = g["emb_size_rbf"], g["emb_size_cbf"], g["emb_size_sbf"]
-    ti, to = g["emb_size_trip_in"], g["emb_size_trip_out"]
-    qi, qo = g["emb_size_quad_in"], g["emb_size_quad_out"]
-    ai, ao = g["emb_size_aint_in"], g["emb_size_aint_out"]
-    out: dict[str, tuple[int, ...]] = {}
-
-    def lin(name, o, i):
-        out[f"{name}.linear.weight"] = (o, i)
-
-    def res(name, count, width):
-        for k in range(count):
-            for m in range(2):
-                lin(f"{name}.{k}.dense_mlp.{m}", width, width)
-
-    def sf(name):
-        out[f"{name}.scale_factor"] = ()
-
-    for basis in _RADIAL_BASES:
-        out[f"bases.{basis}.rbf.offset"] = (R,)
-        out[f"bases.{basis}.rbf.temps"] = (R,)
-    lin("bases.mlp_rbf_qint", rbf, R)
-    out["bases.mlp_cbf_qint.weight"] = (R, S, cbf)
-    out["bases.mlp_sbf_qint.weight"] = (R, S * S, sbf)
-    lin("bases.mlp_rbf_aeint", rbf, R)
-    out["bases.mlp_cbf_aeint.weight"] = (R, S, cbf)
-    lin("bases.mlp_rbf_eaint", rbf, R)
-    out["bases.mlp_cbf_eaint.weight"] = (R, S, cbf)
-    out["bases.mlp_rbf_aint.weight"] = (rbf, R)
-    lin("bases.mlp_rbf_tint", rbf, R)
-    out["bases.mlp_cbf_tint.weight"] = (R, S, cbf)
-    lin("bases.mlp_rbf_h", rbf, R)
-    lin("bases.mlp_rbf_out", rbf, R)
-    lin("bases.edge_emb.dense", E, 2 * A + R)
-
-    for i in range(nb):
-        b = f"int_blocks.{i}"
-        lin(f"{b}.dense_ca", E, E)
-        t = f"{b}.trip_interaction"
-        lin(f"{t}.dense_ba", E, E)
-        lin(f"{t}.mlp_rbf", E, rbf)
-        sf(f"{t}.scale_rbf")
-        lin(f"{t}.mlp_cbf.bilinear", to, cbf * ti)
-        sf(f"{t}.scale_cbf_sum")
-        lin(f"{t}.down_projection", ti, E)
-        lin(f"{t}.up_projection_ca", E, to)
-        lin(f"{t}.up_projection_ac", E, to)
-        q = f"{b}.quad_interaction"
-        lin(f"{q}.dense_db", E, E)
-        lin(f"{q}.mlp_rbf", E, rbf)
-        sf(f"{q}.scale_rbf")
-        lin(f"{q}.mlp_cbf", qi, cbf)
-        sf(f"{q}.scale_cbf")
-        lin(f"{q}.mlp_sbf.bilinear", qo, sbf * qi)
-        sf(f"{q}.scale_sbf_sum")
-        lin(f"{q}.down_projection", qi, E)
-        lin(f"{q}.up_projection_ca", E, qo)
-        lin(f"{q}.up_projection_ac", E, qo)
-        ae = f"{b}.atom_edge_interaction"
-        lin(f"{ae}.dense_ba", A, A)
-        lin(f"{ae}.mlp_rbf", A, rbf)
-        sf(f"{ae}.scale_rbf")
-        lin(f"{ae}.mlp_cbf.bilinear", to, cbf * ti)
-        sf(f"{ae}.scale_cbf_sum")
-        lin(f"{ae}.down_projection", ti, A)
-        lin(f"{ae}.up_projection_ca", E, to)
-        lin(f"{ae}.up_projection_ac", E, to)
-        ea = f"{b}.edge_atom_interaction"
-        lin(f"{ea}.dense_ba", E, E)
-        lin(f"{ea}.mlp_rbf", E, rbf)
-        sf(f"{ea}.scale_rbf")
-        lin(f"{ea}.mlp_cbf.bilinear", to, cbf * ti)
-        sf(f"{ea}.scale_cbf_sum")
-        lin(f"{ea}.down_projection", ti, E)
-        lin(f"{ea}.up_projection_ca", A, to)
-        aa = f"{b}.atom_interaction"
-        lin(f"{aa}.bilinear", ao, rbf * ai)
-        sf(f"{aa}.scale_rbf_sum")
-        lin(f"{aa}.down_projection", ai, A)
-        lin(f"{aa}.up_projection", A, ao)
-        res(f"{b}.layers_before_skip", g["num_before_skip"], E)
-        res(f"{b}.layers_after_skip", g["num_after_skip"], E)
-        res(f"{b}.atom_emb_layers", g["num_atom_emb_layers"], A)
-        lin(f"{b}.atom_update.dense_rbf", E, rbf)
-        sf(f"{b}.atom_update.scale_sum")
-        lin(f"{b}.atom_update.layers.0", A, E)
-        for k in range(1, g["num_atom"] + 1):
-            for m in range(2):
-                lin(f"{b}.atom_update.layers.{k}.dense_mlp.{m}", A, A)
-        lin(f"{b}.concat_layer.dense", E, 2 * A + E)
-        res(f"{b}.residual_m", g["num_concat"], E)
-
-    for j in range(nb + 1):
-        b = f"out_blocks.{j}"
-        lin(f"{b}.dense_rbf", E, rbf)
-        sf(f"{b}.scale_sum")
-        for seq in ("layers", "seq_energy_pre"):
-            lin(f"{b}.{seq}.0", A, E)
-            for k in range(1, g["num_atom"] + 1):
-                for m in range(2):
-                    lin(f"{b}.{seq}.{k}.dense_mlp.{m}", A, A)
-        res(f"{b}.seq_energy2", g["num_output_afteratom"], A)
-        if direct_forces:
-            sf(f"{b}.scale_rbf_F")
-            res(f"{b}.seq_forces", g["num_output_afteratom"], E)
-            lin(f"{b}.dense_rbf_F", E, rbf)
-
-    lin("out_mlp_E.out_mlp.0", A, A * (nb + 1))
-    for k in range(1, g["num_global_out_layers"] + 1):
-        for m in range(2):
-            lin(f"out_mlp_E.out_mlp.{k}.dense_mlp.{m}", A, A)
-    if direct_forces:
-        lin("out_mlp_F.out_mlp.0", E, E * (nb + 1))
-        for k in range(1, g["num_global_out_layers"] + 1):
-            for m in range(2):
-                lin(f"out_mlp_F.out_mlp.{k}.dense_mlp.{m}", E, E)
-    return out
+    widths = types.SimpleNamespace(**{k: int(hp[k]) for k in BACKBONE_HPARAM_FIELDS}, direct_forces=direct_forces)
+    return mapping.backbone_torch_shapes(widths)
 
 
 def _count(keys, prefix: str) -> int:
@@ -598,27 +481,18 @@ def _backbone_config(hyper_parameters) -> tuple[dict | None, list[str] | None]:
     return config, names
 
 
-def extract_state_dict(
-    ckpt: Mapping, ema: bool = True, *, strict: bool = True
-) -> tuple[dict[str, np.ndarray], CheckpointInfo]:
-    """``{torch key: array}`` of a JMP checkpoint (EMA weights by default) and a `CheckpointInfo`.
-
-    ``ema=True``: replace the parameters by the EMA tuple (spec §6.1); a mismatch in
-    count, shape or dtype raises ValueError. If the checkpoint has no EMA tuple the
-    raw weights are returned with a logged warning (also in ``info.warnings``).
-    ``ema=False``: the raw ``state_dict`` weights. ``strict``: the backbone must
-    match the structure inferred from its shapes (else ValueError); with
-    ``strict=False`` a failed inference leaves ``info.hparams=None`` and a warning.
-    """
-    if not isinstance(ckpt, Mapping):
-        raise TypeError(f"expected a dict (a loaded checkpoint), got {type(ckpt).__name__}")
-    notes: list[str] = []
-    raw_sd, container = _locate_state_dict(ckpt)
+def _string_keyed(raw_sd: Mapping) -> Mapping:
     bad_keys = [k for k in raw_sd if not isinstance(k, str)]
     if bad_keys:
         raise ValueError(f"state dict keys must be strings, got {bad_keys[:5]}")
-    sd, stripped = _strip_wrapper(raw_sd)
+    return raw_sd
 
+
+def _tensors(sd: Mapping[str, Any], notes: list[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The state dict's arrays and the keys left out (``task_steps.*``, non-tensor entries).
+
+    An entry torch holds as an unsupported tensor kind is a ValueError.
+    """
     out: dict[str, np.ndarray] = {}
     ignored: list[str] = []
     for key, value in sd.items():
@@ -637,51 +511,59 @@ def extract_state_dict(
             notes.append(f"non-tensor state dict entry {key!r} ({type(value).__name__}) ignored")
     if not out:
         raise ValueError("the state dict holds no tensors")
+    return out, ignored
 
-    # ---- EMA
-    ema_values, ema_where = _find_ema(ckpt) if ema else (None, None)
-    num_ema = 0
-    if ema and ema_values is None:
+
+def _apply_ema(
+    ckpt: Mapping, sd: Mapping[str, Any], out: dict[str, np.ndarray], ema: bool, notes: list[str]
+) -> int:
+    """Replaces `out`'s parameters by the EMA tuple (spec §6.1) in place; the number replaced.
+
+    No EMA tuple: the raw weights stay, with a warning when ``ema``. Any misalignment
+    (count, shape, dtype, a non-tensor entry) is a ValueError.
+    """
+    if not ema:
+        return 0
+    ema_values, ema_where = _find_ema(ckpt)
+    if ema_values is None:
         _warn(
             notes,
             "no EMA weights in this checkpoint (no optimizer_states[i]['ema']); using the raw state_dict "
             "weights. Pass ema=False (--no-ema) to silence this.",
         )
-    elif ema_values is not None:
-        names = ema_parameter_keys(sd)
-        if len(names) != len(ema_values):
+        return 0
+    names = ema_parameter_keys(sd)
+    if len(names) != len(ema_values):
+        raise ValueError(
+            f"EMA misalignment: {ema_where} has {len(ema_values)} tensors but the state dict has "
+            f"{len(names)} parameters under JMP's EMA rule (spec §6.1: all keys except rbf.offset/"
+            "rbf.temps/scale_factor buffers, .seq_energy_pre. aliases and task_steps.*). The checkpoint "
+            "does not come from JMP's EMA wrapper or was modified; use ema=False (--no-ema) for the "
+            "raw weights."
+        )
+    for i, (name, value) in enumerate(zip(names, ema_values)):
+        problem = _bad_tensor(value)
+        if problem is None and not isinstance(value, np.ndarray):
+            problem = f"a {type(value).__name__}"
+        if problem is not None:
+            raise ValueError(f"EMA entry {i} (for {name!r}) is {problem}, not a tensor")
+        current = out.get(name)
+        if current is None:
+            raise ValueError(f"EMA entry {i} aligns with {name!r}, which is not a tensor in the state dict")
+        if value.shape != current.shape or value.dtype != current.dtype:
             raise ValueError(
-                f"EMA misalignment: {ema_where} has {len(ema_values)} tensors but the state dict has "
-                f"{len(names)} parameters under JMP's EMA rule (spec §6.1: all keys except rbf.offset/"
-                "rbf.temps/scale_factor buffers, .seq_energy_pre. aliases and task_steps.*). The checkpoint "
-                "does not come from JMP's EMA wrapper or was modified; use ema=False (--no-ema) for the "
-                "raw weights."
+                f"EMA misalignment at entry {i} ({name!r}): EMA tensor {value.dtype}{list(value.shape)} "
+                f"vs state dict {current.dtype}{list(current.shape)}; use ema=False (--no-ema) for the "
+                "raw weights"
             )
-        for i, (name, value) in enumerate(zip(names, ema_values)):
-            problem = _bad_tensor(value)
-            if problem is None and not isinstance(value, np.ndarray):
-                problem = f"a {type(value).__name__}"
-            if problem is not None:
-                raise ValueError(f"EMA entry {i} (for {name!r}) is {problem}, not a tensor")
-            current = out.get(name)
-            if current is None:
-                raise ValueError(
-                    f"EMA entry {i} aligns with {name!r}, which is not a tensor in the state dict"
-                )
-            if value.shape != current.shape or value.dtype != current.dtype:
-                raise ValueError(
-                    f"EMA misalignment at entry {i} ({name!r}): EMA tensor {value.dtype}{list(value.shape)} "
-                    f"vs state dict {current.dtype}{list(current.shape)}; use ema=False (--no-ema) for the "
-                    "raw weights"
-                )
-        for name, value in zip(names, ema_values):
-            out[name] = value
-        num_ema = len(names)
+    for name, value in zip(names, ema_values):
+        out[name] = value
+    return len(names)
 
-    # ---- materialise (copies of memory-mapped / read-only / strided arrays)
-    out = {k: _owned(k, v) for k, v in out.items()}
 
-    # ---- seq_energy_pre aliases: one tensor in torch; same array as `layers` here
+def _link_aliases(sd: Mapping[str, Any], out: dict[str, np.ndarray], notes: list[str]) -> list[str]:
+    """``seq_energy_pre`` keys become the same array as their ``layers`` counterpart (one
+    tensor in torch), in place; returns the keys linked."""
     aliases = []
     for key in [k for k in out if ".seq_energy_pre." in k]:
         target = key.replace(".seq_energy_pre.", ".layers.")
@@ -693,36 +575,69 @@ def extract_state_dict(
             _warn(notes, f"{key!r} differs from {target!r}, which it aliases in JMP; using {target!r}")
         out[key] = out[target]
         aliases.append(key)
+    return aliases
 
-    # ---- what is it
+
+def _identify(
+    out: Mapping[str, np.ndarray], strict: bool, notes: list[str]
+) -> tuple[Layout | None, dict[str, Any] | None, str]:
+    """(layout, backbone hyper-parameters, size preset); None / "unknown" where that failed
+    and ``strict`` is off (a warning each), else the ValueError."""
     try:
         layout = detect_layout(out)
     except ValueError:
         if strict:
             raise
-        layout = None
         _warn(notes, "no GemNet-OC backbone found in the state dict")
-    hparams = None
-    size = "unknown"
-    if layout is not None:
-        try:
-            hparams = infer_backbone_hparams(out, strict=True)
-            size = size_from_hparams(hparams)
-        except ValueError as e:
-            if strict:
-                raise
-            _warn(notes, f"backbone hyper-parameters could not be inferred: {e}")
+        return None, None, "unknown"
+    try:
+        hparams = infer_backbone_hparams(out, strict=True)
+    except ValueError as e:
+        if strict:
+            raise
+        _warn(notes, f"backbone hyper-parameters could not be inferred: {e}")
+        return layout, None, "unknown"
+    return layout, hparams, size_from_hparams(hparams)
 
+
+def _compare_config(config: dict | None, hparams: dict | None, notes: list[str]) -> None:
+    """Warns where the checkpoint's backbone config disagrees with its tensor shapes."""
+    if not (config and hparams):
+        return
+    diff = {k: (config[k], hparams[k]) for k in BACKBONE_HPARAM_FIELDS if k in config and config[k] != hparams[k]}
+    if diff:
+        _warn(notes, f"hyper_parameters disagree with the tensor shapes (config, shapes): {diff}")
+
+
+def extract_state_dict(
+    ckpt: Mapping, ema: bool = True, *, strict: bool = True
+) -> tuple[dict[str, np.ndarray], CheckpointInfo]:
+    """``{torch key: array}`` of a JMP checkpoint (EMA weights by default) and a `CheckpointInfo`.
+
+    ``ema=True``: replace the parameters by the EMA tuple (spec §6.1); a mismatch in
+    count, shape or dtype raises ValueError. If the checkpoint has no EMA tuple the
+    raw weights are returned with a logged warning (also in ``info.warnings``).
+    ``ema=False``: the raw ``state_dict`` weights. ``strict``: the backbone must
+    match the structure inferred from its shapes (else ValueError); with
+    ``strict=False`` a failed inference leaves ``info.hparams=None`` and a warning.
+
+    Steps: locate the state dict in its container, strip a wrapper prefix, keep the
+    tensors, put in the EMA weights, copy what is backed by the file, link the
+    ``seq_energy_pre`` aliases, identify layout and size, compare with the stored config.
+    """
+    if not isinstance(ckpt, Mapping):
+        raise TypeError(f"expected a dict (a loaded checkpoint), got {type(ckpt).__name__}")
+    notes: list[str] = []
+    raw_sd, container = _locate_state_dict(ckpt)
+    sd, stripped = _strip_wrapper(_string_keyed(raw_sd))
+    out, ignored = _tensors(sd, notes)
+    num_ema = _apply_ema(ckpt, sd, out, ema, notes)
+    out = {k: _owned(k, v) for k, v in out.items()}  # copies of memory-mapped / read-only / strided
+    aliases = _link_aliases(sd, out, notes)
+    layout, hparams, size = _identify(out, strict, notes)
     hyper = ckpt.get("hyper_parameters") if container != "state_dict" else None
     config, task_names = _backbone_config(hyper)
-    if config and hparams:
-        diff = {
-            k: (config[k], hparams[k])
-            for k in BACKBONE_HPARAM_FIELDS
-            if k in config and config[k] != hparams[k]
-        }
-        if diff:
-            _warn(notes, f"hyper_parameters disagree with the tensor shapes (config, shapes): {diff}")
+    _compare_config(config, hparams, notes)
 
     info = CheckpointInfo(
         layout=layout.kind if layout else "unknown",
