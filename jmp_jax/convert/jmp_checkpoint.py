@@ -223,7 +223,7 @@ def detect_layout(state_dict: Mapping[str, Any]) -> Layout:
 def backbone_key_shapes(
     hp: Mapping[str, Any], direct_forces: bool | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """Every backbone state-dict key (without ``backbone.``) with its shape.
+    """Every backbone state-dict key (without ``backbone.``) with its shape, in JMP's order.
 
     ``hp`` holds the `BACKBONE_HPARAM_FIELDS`; ``direct_forces`` defaults to
     ``hp["direct_forces"]`` (True if absent). Includes the rbf buffers, the scale
@@ -233,8 +233,8 @@ def backbone_key_shapes(
     """
     if direct_forces is None:
         direct_forces = bool(hp.get("direct_forces", True))
-    widths = types.SimpleNamespace(**{k: int(hp[k]) for k in BACKBONE_HPARAM_FIELDS}, direct_forces=direct_forces)
-    return mapping.backbone_torch_shapes(widths)
+    widths = {k: int(hp[k]) for k in BACKBONE_HPARAM_FIELDS}
+    return mapping.backbone_torch_shapes(types.SimpleNamespace(**widths, direct_forces=direct_forces))
 
 
 def _count(keys, prefix: str) -> int:
@@ -604,7 +604,8 @@ def _compare_config(config: dict | None, hparams: dict | None, notes: list[str])
     """Warns where the checkpoint's backbone config disagrees with its tensor shapes."""
     if not (config and hparams):
         return
-    diff = {k: (config[k], hparams[k]) for k in BACKBONE_HPARAM_FIELDS if k in config and config[k] != hparams[k]}
+    fields = [k for k in BACKBONE_HPARAM_FIELDS if k in config and config[k] != hparams[k]]
+    diff = {k: (config[k], hparams[k]) for k in fields}
     if diff:
         _warn(notes, f"hyper_parameters disagree with the tensor shapes (config, shapes): {diff}")
 

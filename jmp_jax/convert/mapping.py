@@ -128,7 +128,8 @@ def _bases(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
         yield from _dense(f"{tk}.mlp_rbf_{name}", fp + (f"mlp_rbf_{name}",), rbf, R)
         yield from _basis_embedding(f"{tk}.mlp_cbf_{name}", fp + (f"mlp_cbf_{name}",), (R, S, cbf))
         if name == "qint":
-            yield from _basis_embedding(f"{tk}.mlp_sbf_qint", fp + ("mlp_sbf_qint",), (R, S * S, cfg.emb_size_sbf))
+            sbf_shape = (R, S * S, cfg.emb_size_sbf)
+            yield from _basis_embedding(f"{tk}.mlp_sbf_qint", fp + ("mlp_sbf_qint",), sbf_shape)
     for name in ("h", "out"):
         yield from _dense(f"{tk}.mlp_rbf_{name}", fp + (f"mlp_rbf_{name}",), rbf, R)
     A, E = cfg.emb_size_atom, cfg.emb_size_edge
@@ -154,12 +155,14 @@ def _interaction_block(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entr
 
     def trip(width: int, *up):  # the triplet-based interactions
         return (("dense_ba", (width, width)), ("mlp_rbf", (width, rbf)), ("scale_rbf", ()),
-                ("mlp_cbf.bilinear", (to, cbf * ti)), ("scale_cbf_sum", ()), ("down_projection", (ti, width)), *up)  # fmt: skip
+                ("mlp_cbf.bilinear", (to, cbf * ti)), ("scale_cbf_sum", ()),
+                ("down_projection", (ti, width)), *up)  # fmt: skip
 
     up_ca, up_ac = ("up_projection_ca", (E, to)), ("up_projection_ac", (E, to))
     quad = (("dense_db", (E, E)), ("mlp_rbf", (E, rbf)), ("scale_rbf", ()), ("mlp_cbf", (qi, cbf)),
             ("scale_cbf", ()), ("mlp_sbf.bilinear", (qo, cfg.emb_size_sbf * qi)), ("scale_sbf_sum", ()),
-            ("down_projection", (qi, E)), ("up_projection_ca", (E, qo)), ("up_projection_ac", (E, qo)))  # fmt: skip
+            ("down_projection", (qi, E)), ("up_projection_ca", (E, qo)),
+            ("up_projection_ac", (E, qo)))  # fmt: skip
     atom = (("bilinear", (ao, rbf * ai)), ("scale_rbf_sum", ()), ("down_projection", (ai, A)),
             ("up_projection", (A, ao)))  # fmt: skip
     yield from _dense(f"{tk}.dense_ca", fp + ("dense_ca",), E, E)
@@ -189,7 +192,8 @@ def _edges_to_atoms(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
 
 def _output_block(cfg: GemNetOCConfig, tk: str, fp: tuple) -> Iterator[Entry]:
     yield from _edges_to_atoms(cfg, tk, fp)
-    yield from _residuals(f"{tk}.seq_energy2", fp + ("seq_energy2",), cfg.num_output_afteratom, cfg.emb_size_atom)
+    A = cfg.emb_size_atom
+    yield from _residuals(f"{tk}.seq_energy2", fp + ("seq_energy2",), cfg.num_output_afteratom, A)
     if cfg.direct_forces:
         E = cfg.emb_size_edge
         yield from _scale(f"{tk}.scale_rbf_F", fp + ("scale_rbf_F",))

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import pickle
 
-__all__ = ["LEGACY_MAGIC", "LEGACY_MAGIC_NUMBER", "LEGACY_PROTOCOL_VERSION", "ZIP_MAGIC", "file_format"]
+__all__ = [
+    "HEAD_SIZE", "LEGACY_MAGIC", "LEGACY_MAGIC_NUMBER", "LEGACY_PROTOCOL_VERSION", "ZIP_MAGIC", "file_format",
+    "not_torch_file_message",
+]
 
 ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C

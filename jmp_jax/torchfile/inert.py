@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["InertObject", "inert_class", "short_repr"]
+__all__ = ["Frozen", "InertObject", "inert_class", "short_repr"]
 
 
 # --------------------------------------------------------------------------- read-only helpers
-class _Frozen:
+class Frozen:
     """No attribute can be set or deleted after construction (pickle's BUILD opcode
     sets attributes on whatever object is on its stack; these objects refuse)."""
 

@@ -14,14 +14,17 @@ import warnings
 import numpy as np
 
 from jmp_jax.torchfile.errors import TorchFileError
-from jmp_jax.torchfile.inert import _Frozen, short_repr
+from jmp_jax.torchfile.inert import Frozen, short_repr
 
 try:  # a JAX dependency; optional here
     import ml_dtypes
 except ImportError:  # pragma: no cover - exercised only without ml_dtypes
     ml_dtypes = None
 
-__all__ = ["TorchDType", "UnsupportedTensor"]
+__all__ = [
+    "STORAGE_TYPES", "TORCH_DTYPE_NAMES", "Rebuilder", "Storage", "StorageType", "TorchDType",
+    "UnsupportedTensor", "as_int_tuple",
+]
 
 
 def _ml(name: str):
@@ -57,7 +60,7 @@ def _numpy_dtype_for(name: str) -> np.dtype | None:
     return None
 
 
-_TORCH_DTYPE_NAMES = (
+TORCH_DTYPE_NAMES = (
     "float64", "double", "float32", "float", "float16", "half", "bfloat16",
     "int64", "long", "int32", "int", "int16", "short", "int8", "uint8", "uint16", "uint32", "uint64",
     "bool", "complex64", "cfloat", "complex128", "cdouble", "complex32", "chalf",
@@ -69,7 +72,7 @@ _TORCH_DTYPE_NAMES = (
 )  # fmt: skip
 
 
-class TorchDType(_Frozen):
+class TorchDType(Frozen):
     """A torch dtype named in the pickle (``torch.float32`` ...), with its numpy dtype or None."""
 
     __slots__ = ("name", "numpy", "bf16_fallback")
@@ -100,7 +103,7 @@ class TorchDType(_Frozen):
 
 
 # legacy typed storage classes -> torch dtype name
-_STORAGE_TYPES = {
+STORAGE_TYPES = {
     "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
     "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
@@ -115,7 +118,7 @@ _RAW_ITEMSIZE = {
 }  # fmt: skip
 
 
-class _StorageType(_Frozen):
+class StorageType(Frozen):
     """A torch storage class named in the pickle (``torch.FloatStorage`` ...)."""
 
     __slots__ = ("module", "name", "dtype")
@@ -123,7 +126,7 @@ class _StorageType(_Frozen):
     def __init__(self, module: str, name: str):
         object.__setattr__(self, "module", module)
         object.__setattr__(self, "name", name)
-        object.__setattr__(self, "dtype", TorchDType(_STORAGE_TYPES[name]))
+        object.__setattr__(self, "dtype", TorchDType(STORAGE_TYPES[name]))
 
     def itemsize(self) -> int | None:
         dt = self.dtype.storage_numpy
@@ -135,7 +138,7 @@ class _StorageType(_Frozen):
         return f"{self.module}.{self.name}"
 
 
-class _Storage(_Frozen):
+class Storage(Frozen):
     """One loaded storage: raw bytes (a 1-D uint8 array) and its torch dtype."""
 
     __slots__ = ("key", "dtype", "raw", "big_endian")
@@ -148,7 +151,7 @@ class _Storage(_Frozen):
         return f"<storage {self.key!r} {self.dtype} {self.raw.size} bytes>"
 
 
-class UnsupportedTensor(_Frozen):
+class UnsupportedTensor(Frozen):
     """A tensor whose dtype numpy cannot represent (complex32, quantized, bits*, ...)."""
 
     __slots__ = ("dtype", "shape", "reason")
@@ -164,7 +167,7 @@ class UnsupportedTensor(_Frozen):
 
 
 # --------------------------------------------------------------------------- rebuild functions
-def _as_int_tuple(value, what: str) -> tuple[int, ...]:
+def as_int_tuple(value, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, (int, np.integer)) for v in value):
         raise TorchFileError(f"tensor {what} must be a tuple of ints, got {short_repr(value)}")
     out = tuple(int(v) for v in value)
@@ -176,7 +179,7 @@ def _as_int_tuple(value, what: str) -> tuple[int, ...]:
 _MAX_EXPANSION = 16  # copies may be at most this many times their storage (or 1 GiB)
 
 
-class _Rebuilder:
+class Rebuilder:
     """The tensor rebuild functions of one load (they need its mode)."""
 
     def __init__(self, copy: bool):
@@ -185,10 +188,10 @@ class _Rebuilder:
         self.handed_out: set[int] = set()  # ids of raw buffers already returned as a tensor
 
     def tensor(self, storage, storage_offset, size, stride, dtype: TorchDType | None = None, metadata=None):
-        if not isinstance(storage, _Storage):
+        if not isinstance(storage, Storage):
             raise TorchFileError(f"expected a storage in a tensor rebuild, got {short_repr(storage)}")
-        size = _as_int_tuple(size, "size")
-        stride = _as_int_tuple(stride, "stride")
+        size = as_int_tuple(size, "size")
+        stride = as_int_tuple(stride, "stride")
         if len(size) != len(stride):
             raise TorchFileError(f"tensor size {size} and stride {stride} differ in length")
         if not isinstance(storage_offset, (int, np.integer)) or storage_offset < 0:

@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 
 from jmp_jax.torchfile.errors import TorchFileError
-from jmp_jax.torchfile.inert import InertObject, _Frozen, inert_class, short_repr
+from jmp_jax.torchfile.inert import InertObject, Frozen, inert_class, short_repr
 from jmp_jax.torchfile.tensors import (
-    _STORAGE_TYPES,
-    _TORCH_DTYPE_NAMES,
+    STORAGE_TYPES,
+    TORCH_DTYPE_NAMES,
     TorchDType,
-    _as_int_tuple,
-    _Rebuilder,
-    _Storage,
-    _StorageType,
+    as_int_tuple,
+    Rebuilder,
+    Storage,
+    StorageType,
 )
 
 __all__ = ["TorchUnpickler", "to_builtin"]
@@ -37,7 +37,7 @@ __all__ = ["TorchUnpickler", "to_builtin"]
 logger = logging.getLogger(__name__)
 
 
-class _Safe(_Frozen):
+class _Safe(Frozen):
     """A whitelisted callable as `find_class` returns it: calls `fn`, nothing can be set on it."""
 
     __slots__ = ("name", "fn")
@@ -86,7 +86,7 @@ def _safe_np_dtype(obj, align=False, copy=False):
 def _safe_np_reconstruct(subtype, shape, dtype_code):
     """`numpy.core.multiarray._reconstruct`: an empty ndarray that BUILD then fills via
     `ndarray.__setstate__` (numpy checks the data length). The subtype is ignored."""
-    shape = _as_int_tuple(shape if isinstance(shape, (tuple, list)) else (shape,), "shape")
+    shape = as_int_tuple(shape if isinstance(shape, (tuple, list)) else (shape,), "shape")
     if int(np.prod(shape)) > 1:
         raise TorchFileError(f"numpy _reconstruct with a non-empty shape {shape}")
     if isinstance(dtype_code, bytes):
@@ -108,8 +108,8 @@ def _safe_np_scalar(dtype, data=None):
 
 def _torch_size(*args):
     if len(args) == 1 and isinstance(args[0], (tuple, list)):
-        return _as_int_tuple(args[0], "torch.Size")
-    return _as_int_tuple(args, "torch.Size")
+        return as_int_tuple(args[0], "torch.Size")
+    return as_int_tuple(args, "torch.Size")
 
 
 def _torch_device(*args):
@@ -155,8 +155,8 @@ class TorchUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="utf-8")
         self._archive = storages
         self._storages: dict[str, np.ndarray] = {}
-        self._typed: dict[tuple[str, str], _Storage] = {}
-        self._rebuild = _Rebuilder(copy=copy)
+        self._typed: dict[tuple[str, str], Storage] = {}
+        self._rebuild = Rebuilder(copy=copy)
         self.inert_globals: set[str] = set()
         r = self._rebuild
 
@@ -243,9 +243,9 @@ class TorchUnpickler(pickle.Unpickler):
         full = f"{module}.{name}"
         if full in self._safe:
             return self._safe[full]
-        if module in ("torch", "torch.storage", "torch.cuda") and name in _STORAGE_TYPES:
-            return _StorageType(module, name)
-        if module == "torch" and name in _TORCH_DTYPE_NAMES:
+        if module in ("torch", "torch.storage", "torch.cuda") and name in STORAGE_TYPES:
+            return StorageType(module, name)
+        if module == "torch" and name in TORCH_DTYPE_NAMES:
             return TorchDType(name)
         if full not in self.inert_globals and full not in _QUIET_INERT:
             logger.debug("pickle names %s: replaced by an inert stand-in (not imported)", full)
@@ -271,7 +271,7 @@ class TorchUnpickler(pickle.Unpickler):
                 "(expected ('storage', type, key, location, numel))"
             )
         _, stype, key, location, numel = pid
-        if not isinstance(stype, _StorageType):
+        if not isinstance(stype, StorageType):
             raise TorchFileError(f"unknown storage type {short_repr(stype)} in persistent id")
         if isinstance(key, bytes):
             key = key.decode("ascii", "replace")
@@ -288,7 +288,7 @@ class TorchUnpickler(pickle.Unpickler):
         if raw is None or raw.size < nbytes:
             raw = self._archive.read_storage(key, nbytes)
             self._storages[key] = raw
-        storage = _Storage(key, stype.dtype, raw, self._archive.big_endian)
+        storage = Storage(key, stype.dtype, raw, self._archive.big_endian)
         self._typed[(key, stype.dtype.name)] = storage
         return storage
 

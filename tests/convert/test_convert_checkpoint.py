@@ -558,16 +558,16 @@ def test_legacy_format_checkpoint_converts_like_the_original(parity_ckpt, tmp_pa
         return obj
 
     legacy = tmp_path / "legacy.ckpt"
-    torch.save(as_torch(to_builtin(read_checkpoint(path, mmap=False))), legacy, _use_new_zipfile_serialization=False)
+    ckpt = as_torch(to_builtin(read_checkpoint(path, mmap=False)))
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
     assert not legacy.read_bytes().startswith(b"PK")
     want, want_info = load_checkpoint(path)
     got, info = load_checkpoint(legacy)
     assert list(got) == list(want)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    assert (info.layout, info.size, info.num_ema_tensors, info.alias_keys, info.task_names) == (
-        want_info.layout, want_info.size, want_info.num_ema_tensors, want_info.alias_keys, want_info.task_names
-    )
+    for field in ("layout", "size", "num_ema_tensors", "alias_keys", "ignored_keys", "task_names", "hparams"):
+        assert getattr(info, field) == getattr(want_info, field), field
     assert info.ema_used and not info.warnings
     a, b = converter.convert(path), converter.convert(legacy)
     assert a.kind == b.kind and a.config == b.config

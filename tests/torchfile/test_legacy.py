@@ -63,7 +63,8 @@ def test_corrupt_storage_stream(corrupt):
 
 
 def test_tensor_reaching_past_its_storage_is_an_error():
-    t = StreamTensor(np.zeros((4, 3), np.float32), storage_bytes=legacy_storage_stream(np.zeros(5, np.float32)))
+    short = legacy_storage_stream(np.zeros(5, np.float32))
+    t = StreamTensor(np.zeros((4, 3), np.float32), storage_bytes=short)
     with pytest.raises(ValueError, match="reaches element"):
         loads(raw_pickle({"t": t}))
 
@@ -83,3 +84,21 @@ def test_legacy_whole_file_writer(tmp_path):
     p.write_bytes(data)
     assert load_torch_file(p)[0]["z"].tolist() == [6, 1]
     assert LEGACY_MAGIC_NUMBER == 0x1950A86A20F9469CFC6C
+
+
+def test_nothing_named_in_a_legacy_file_is_executed(tmp_path):
+    """A whole legacy file naming os.system / builtins.eval: inert stand-ins, nothing runs."""
+    marker = tmp_path / "pwned"
+    obj = {
+        "cmd": Call(Global("os", "system"), f"touch {marker}"),
+        "ev": Call(Global("builtins", "eval"), "1+1"),
+        "w": np.arange(3, dtype=np.float32),
+    }
+    p = tmp_path / "evil.pt"
+    p.write_bytes(legacy_torch_stream(obj))
+    got = load_torch_file(p)
+    assert not marker.exists()
+    assert isinstance(got["cmd"], InertObject) and got["cmd"].pickle_global == "os.system"
+    assert got["cmd"].pickle_args == (f"touch {marker}",)
+    assert isinstance(got["ev"], InertObject)
+    assert got["w"].tolist() == [0.0, 1.0, 2.0]
