@@ -27,11 +27,18 @@ class TripletInteraction(nn.Module):
     @nn.compact
     def __call__(self, m, rad, agg: AggregationBasis, id_swap):
         x = Dense(self.emb_size_edge, activation=True, name="dense_ba")(m)
-        x = ScaleFactor(name="scale_rbf")(x * Dense(self.emb_size_edge, name="mlp_rbf")(rad))
-        x = Dense(self.emb_size_in, activation=True, name="down_projection")(x)
+        x = _radial_down(x, rad, self.emb_size_in)
         z = EfficientBilinear(self.emb_size_out, name="mlp_cbf")(agg.aggregate(x))
         z = ScaleFactor(name="scale_cbf_sum")(z)
         return _symmetric_up(self, z, id_swap, self.emb_size_edge)
+
+
+def _radial_down(x, rad, features_in: int):
+    """φ(W_down · s·(x ⊙ W_rbf·rad)): the radial filter and down projection that open
+    each edge interaction. x [E, C], rad [E, rbf] -> [E, features_in]. Called inside a
+    compact __call__, so `mlp_rbf`, `scale_rbf` and `down_projection` sit under the caller."""
+    x = ScaleFactor(name="scale_rbf")(x * Dense(x.shape[-1], name="mlp_rbf")(rad))
+    return Dense(features_in, activation=True, name="down_projection")(x)
 
 
 def _symmetric_up(module: nn.Module, z, id_swap, features):
@@ -52,9 +59,7 @@ class QuadrupletInteraction(nn.Module):
     @nn.compact
     def __call__(self, m, rad, cir, agg: AggregationBasis, triplet_in_edges, id_swap):
         x = Dense(self.emb_size_edge, activation=True, name="dense_db")(m)
-        x = ScaleFactor(name="scale_rbf")(x * Dense(self.emb_size_edge, name="mlp_rbf")(rad))
-        x = Dense(self.emb_size_in, activation=True, name="down_projection")(x)
-        x = x[triplet_in_edges]  # [T_in, quad_in]
+        x = _radial_down(x, rad, self.emb_size_in)[triplet_in_edges]  # [T_in, quad_in]
         x = ScaleFactor(name="scale_cbf")(x * Dense(self.emb_size_in, name="mlp_cbf")(cir))
         z = EfficientBilinear(self.emb_size_out, name="mlp_sbf")(agg.aggregate(x))
         z = ScaleFactor(name="scale_sbf_sum")(z)
@@ -72,8 +77,7 @@ class AtomEdgeInteraction(nn.Module):
     @nn.compact
     def __call__(self, h, rad, agg: AggregationBasis, ae_senders, id_swap):
         x = Dense(self.emb_size_atom, activation=True, name="dense_ba")(h)[ae_senders]
-        x = ScaleFactor(name="scale_rbf")(x * Dense(self.emb_size_atom, name="mlp_rbf")(rad))
-        x = Dense(self.emb_size_in, activation=True, name="down_projection")(x)
+        x = _radial_down(x, rad, self.emb_size_in)
         z = EfficientBilinear(self.emb_size_out, name="mlp_cbf")(agg.aggregate(x))
         z = ScaleFactor(name="scale_cbf_sum")(z)
         return _symmetric_up(self, z, id_swap, self.emb_size_edge)
@@ -90,9 +94,7 @@ class EdgeAtomInteraction(nn.Module):
     @nn.compact
     def __call__(self, m, rad, agg: AggregationBasis, ae_receivers, ae_mask, num_atoms: int):
         x = Dense(self.emb_size_edge, activation=True, name="dense_ba")(m)
-        x = ScaleFactor(name="scale_rbf")(x * Dense(self.emb_size_edge, name="mlp_rbf")(rad))
-        x = Dense(self.emb_size_in, activation=True, name="down_projection")(x)
-        z_edge = agg.aggregate(x)  # [E_ae, cbf, C]
+        z_edge = agg.aggregate(_radial_down(x, rad, self.emb_size_in))  # [E_ae, cbf, C]
         z_atom = masked_segment_sum(z_edge, ae_receivers, ae_mask, num_atoms)
         z = EfficientBilinear(self.emb_size_out, name="mlp_cbf")(z_atom)
         z = ScaleFactor(name="scale_cbf_sum")(z)
