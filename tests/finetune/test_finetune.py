@@ -45,18 +45,11 @@ def compile_cache(tmp_path_factory):
 
 
 def small_config(spec, path, **overrides):
-    """The benchmark's real config (`configs/finetune/<benchmark>.py`), shrunk for a unit test."""
-    config = finetune_config(spec.benchmark, f"{spec.target},tiny")
-    config.init = "scratch"
+    """The benchmark's real config at the test size (`configs/finetune/<benchmark>.py:<target>,test`)."""
+    config = finetune_config(spec.benchmark, f"{spec.target},test")
     config.data.path = path
     if spec.fold is not None:
         config.data.fold = spec.fold
-    config.model.num_blocks = 1
-    config.data.max_train, config.data.max_val, config.data.max_test = 6, 3, 3
-    config.data.batch_size = 3
-    config.data.budget_sample = 8
-    config.train.num_steps = 1
-    config.train.async_checkpoints = False
     config.update_from_flattened_dict(overrides)
     return config
 

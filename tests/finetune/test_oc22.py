@@ -90,12 +90,12 @@ def test_s2ef_total_with_a_dmoe_energy_head_end_to_end(tmp_path):
 
     data = tmp_path / "oc22"
     write_oc22(data, "lmdb")
-    config = finetune_config("oc22", "s2ef_total,tiny")
-    config.init = "scratch"
+    config = finetune_config("oc22", "s2ef_total,test")
     config.data.path = str(data)
-    config.update_from_flattened_dict({
-        "model.num_blocks": 1, "data.batch_size": 4, "data.budget_sample": 24, "train.max_epochs": 2,
-        "train.async_checkpoints": False, "optim.lr": 5e-4, "head.kind": "dmoe", "head.dmoe.num_bins": 16})
+    config.update_from_flattened_dict({  # every split whole, two epochs
+        "data.max_train": 0, "data.max_val": 0, "data.max_test": 0, "train.num_steps": 0, "train.max_epochs": 2,
+        "data.batch_size": 4, "data.budget_sample": 24, "optim.lr": 5e-4, "head.kind": "dmoe",
+        "head.dmoe.num_bins": 16})
     workdir = tmp_path / "run"
     results = train_and_evaluate(config, workdir)
     assert results == json.loads((workdir / "results.json").read_text())
