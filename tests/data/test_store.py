@@ -7,27 +7,20 @@ import json
 import numpy as np
 import pytest
 
-from jmp_jax.data.ingest import ingest
+from jmp_jax.data.ingest import RecordListSource, ingest
 from jmp_jax.data.record import Record, RecordError
 from jmp_jax.data.store import PackedStore, StoreError
 
 COEFF = {1: -13.6, 6: -1029.4, 7: -1484.9, 8: -2041.8}
 
 
-class ListSource:
-    """A source over in-memory records (the reader protocol of jmp_jax.data.readers)."""
-
-    name = "toy"
+class ListSource(RecordListSource):
+    """The in-memory "toy" source; with `fail_after`, reading a split stops with a
+    KeyboardInterrupt at that record (a crash in the middle of ingestion)."""
 
     def __init__(self, records_by_split, fail_after=None):
-        self._records = records_by_split
+        super().__init__("toy", records_by_split)
         self.fail_after = fail_after
-
-    def splits(self):
-        return tuple(self._records)
-
-    def num_records(self, split):
-        return len(self._records[split])
 
     def records(self, split):
         for i, r in enumerate(self._records[split]):

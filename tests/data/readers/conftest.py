@@ -194,24 +194,25 @@ def write_transition1x(path: Path, layout: dict) -> Path:
     import h5py
 
     rng = np.random.default_rng(4)
-    e_key, f_key = "wB97x_6-31G(d).energy", "wB97x_6-31G(d).forces"
+
+    def frames_group(g, z, positions, energy, forces):
+        g.create_dataset("atomic_numbers", data=np.asarray(z, dtype=np.int64))
+        g.create_dataset("positions", data=positions)
+        g.create_dataset("wB97x_6-31G(d).energy", data=energy)
+        g.create_dataset("wB97x_6-31G(d).forces", data=forces)
+
     with h5py.File(path, "w") as f:
         for split, formulas in layout.items():
             for formula, rxns in formulas.items():
                 for rxn, (z, frames) in rxns.items():
                     g = f.create_group(f"{split}/{formula}/{rxn}")
-                    g.create_dataset("atomic_numbers", data=np.asarray(z, dtype=np.int64))
-                    g.create_dataset(
-                        "positions", data=rng.normal(size=(frames, len(z), 3)).astype(np.float32)
-                    )
-                    g.create_dataset(e_key, data=-4200.0 + rng.normal(size=frames))
-                    g.create_dataset(f_key, data=rng.normal(size=(frames, len(z), 3)).astype(np.float32))
+                    positions = rng.normal(size=(frames, len(z), 3)).astype(np.float32)
+                    energy = -4200.0 + rng.normal(size=frames)
+                    forces = rng.normal(size=(frames, len(z), 3)).astype(np.float32)
+                    frames_group(g, z, positions, energy, forces)
                     for sub in ("reactant", "product", "transition_state"):
-                        s = g.create_group(sub)
-                        s.create_dataset("atomic_numbers", data=np.asarray(z, dtype=np.int64))
-                        s.create_dataset("positions", data=np.zeros((1, len(z), 3), np.float32))
-                        s.create_dataset(e_key, data=np.zeros(1))
-                        s.create_dataset(f_key, data=np.zeros((1, len(z), 3), np.float32))
+                        zeros = np.zeros((1, len(z), 3), np.float32)
+                        frames_group(g.create_group(sub), z, zeros, np.zeros(1), zeros)
     return path
 
 

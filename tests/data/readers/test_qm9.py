@@ -111,6 +111,13 @@ def _props(k, z):
     }
 
 
+def _columns(p) -> list:
+    """`_props` values in the column order both gdb9.sdf.csv and qm9pack use:
+    A, B, C, mu, alpha, homo, lumo, gap, r2, zpve, U0, U, H, G, cv."""
+    keys = ("mu", "alpha", "homo", "lumo", "gap", "r2", "zpve")
+    return [*p["rot"], *(p[key] for key in keys), *p["energies"], p["cv"]]
+
+
 def write_pyg_raw(d, uncharacterized=(2, 5), rename=None, bad_atom=None):
     d.mkdir(parents=True, exist_ok=True)
     blocks, rows = [], []
@@ -132,22 +139,7 @@ def write_pyg_raw(d, uncharacterized=(2, 5), rename=None, bad_atom=None):
         atom_kcal = [
             (ei - ri) * KCALMOL_PER_HARTREE for ei, ri in zip(e, np.sum([ATOM_REFS_HA[a] for a in z], axis=0))
         ]
-        rows.append(
-            [
-                name,
-                *p["rot"],
-                p["mu"],
-                p["alpha"],
-                p["homo"],
-                p["lumo"],
-                p["gap"],
-                p["r2"],
-                p["zpve"],
-                *e,
-                p["cv"],
-                *[round(v, 9) for v in atom_kcal],
-            ]
-        )
+        rows.append([name, *_columns(p), *[round(v, 9) for v in atom_kcal]])
     (d / "gdb9.sdf").write_text("\n".join(blocks) + "\n")
     with open(d / "gdb9.sdf.csv", "w", newline="") as f:
         f.write(
@@ -187,16 +179,7 @@ def write_qm9pack(d, keep=(1, 3, 4, 6)):
                         coords,
                         "[0.1]",
                         "[1341.307,1341.3284]",
-                        *p["rot"],
-                        p["mu"],
-                        p["alpha"],
-                        p["homo"],
-                        p["lumo"],
-                        p["gap"],
-                        p["r2"],
-                        p["zpve"],
-                        *p["energies"],
-                        p["cv"],
+                        *_columns(p),
                     ]
                 )
     with open(d / "qm9_polarizability.csv", "w") as f:
