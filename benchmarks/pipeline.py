@@ -1,6 +1,7 @@
 """Host pipeline throughput: packed store -> graphs -> budget-packed padded batches on device.
 
     python benchmarks/pipeline.py [--batches 30] [--workers 0,1,2] [--target-graphs 8] [--cases ...] [--json]
+    python benchmarks/pipeline.py --loader both     # GraphLoader and the grain variant, row by row
     python benchmarks/pipeline.py --device-step-s 0.1 --structures-per-step 4 --cases oc20_slabs
     python benchmarks/pipeline.py --device-step-s 0.05 --structures-per-step 32 --cases demo_ani1x
 
@@ -31,6 +32,13 @@ process serves all D. The run
     main process also does the device-side work (unpacking the step); on a GPU
     host it pays the host -> device copy instead, about what copying the
     transferred bytes on one core costs (printed).
+
+--loader grain (or both) times `jmp_jax.data.grain_source.GrainGraphLoader`, the same
+batches built with grain: the sampler stream as a grain MapDataset, graphs built by
+grain's mp_prefetch worker processes and pickled back, our packing and placement in the
+main process (rows marked "grain"). The production loader stays GraphLoader: grain's
+workers return whole graphs through pickles and the main process writes every batch,
+where ours has the workers write batches in place in shared memory.
 
 --json prints one JSON object (and nothing else on stdout).
 """
@@ -116,18 +124,26 @@ def _loader_thread():
     return None
 
 
-def run(name, records, graph, pbc, workers, batches, target_graphs, devices, warmup=3):
+def run(name, records, graph, pbc, workers, batches, target_graphs, devices, warmup=3, loader="ours"):
     """Loader throughput with `workers` worker processes: a dict of the measurements,
     with the CPU time per delivered structure of the main process (all its
     threads), of its loader thread alone and of the workers. The loader skips
-    structures above the sample's aggregation row maxima, as training does."""
+    structures above the sample's aggregation row maxima, as training does.
+    loader: "ours" (`GraphLoader`) or "grain" (`GrainGraphLoader`: grain's
+    MapDataset stream and mp_prefetch worker processes, our packing)."""
     source = GraphSource(name, records, graph, pbc=pbc)
     sample = [make_example(source, i).graphs for i in range(0, len(records), max(1, len(records) // 64))]
     budget = estimate_budget(sample, target_graphs)
     kmax = {k: max(row_maxima(g)[k] for g in sample) for k in RANK_FIELDS}
-    loader = GraphLoader([source], MixtureSampler((len(records),), temperature=1.0, seed=0), budget,
-                         workers=workers, devices=devices, prefetch=4, kmax=kmax)
-    logging.getLogger("jmp_jax.data.pipeline").setLevel(logging.ERROR)  # skips are counted, not logged
+    sampler = MixtureSampler((len(records),), temperature=1.0, seed=0)
+    if loader == "grain":
+        from jmp_jax.data.grain_source import GrainGraphLoader
+
+        loader = GrainGraphLoader([source], sampler, budget, workers=workers, devices=devices, prefetch=4, kmax=kmax)
+    else:
+        loader = GraphLoader([source], sampler, budget, workers=workers, devices=devices, prefetch=4, kmax=kmax)
+    for logger in ("jmp_jax.data.pipeline", "jmp_jax.data.grain_source"):  # skips are counted, not logged
+        logging.getLogger(logger).setLevel(logging.ERROR)
     it = iter(loader)
     for _ in range(warmup):
         jax.block_until_ready(next(it))
@@ -151,7 +167,8 @@ def run(name, records, graph, pbc, workers, batches, target_graphs, devices, war
     del step
     it.close()
     waste = loader.stats.padding_waste()
-    return {"workers": workers, "structures_per_s": done / dt, "batches_per_s": batches / dt,
+    return {"loader": "grain" if type(loader).__name__ == "GrainGraphLoader" else "ours",
+            "workers": workers, "structures_per_s": done / dt, "batches_per_s": batches / dt,
             "structures_per_batch": per_batch, "skipped": loader.stats.skipped,
             "cpu_ms_per_structure": {"main": main_cpu / done * 1e3, "loader_thread": thread_cpu / done * 1e3,
                                      "workers": worker_cpu / done * 1e3,
@@ -188,6 +205,9 @@ def main():
                         help="worker processes a host gives each device (default 2: 16 cores, 8 devices)")
     parser.add_argument("--devices-per-host", type=int, default=8,
                         help="devices one main (loader) process serves, for the host estimate")
+    parser.add_argument("--loader", default="ours", choices=("ours", "grain", "both"),
+                        help="ours: GraphLoader; grain: GrainGraphLoader (grain MapDataset + mp_prefetch "
+                        "workers, our packing); both: each, one after the other")
     parser.add_argument("--json", action="store_true", help="print one JSON object (only that) to stdout")
     args = parser.parse_args()
     step_mode = args.device_step_s is not None or args.structures_per_step is not None
@@ -222,14 +242,16 @@ def main():
             print(f"\n== {title}: cutoff {graph.cutoff}, k {graph.max_neighbors}, {len(records)} records")
         target = args.structures_per_step if step_mode else args.target_graphs
         counts = [args.workers_per_device] if step_mode else [int(x) for x in args.workers.split(",")]
+        loaders = ("ours", "grain") if args.loader == "both" else (args.loader,)
         for w in counts:
-            row = {"case": name, "cutoff": graph.cutoff, "k": graph.max_neighbors, "target_graphs": target,
-                   **run(name, records, graph, pbc, w, args.batches, target, devices)}
-            if step_mode:
-                row.update(_step_verdict(row, consumed, args.devices_per_host))
-            out["cases"].append(row)
-            if verbose:
-                _print_row(row, step_mode)
+            for kind in loaders:
+                row = {"case": name, "cutoff": graph.cutoff, "k": graph.max_neighbors, "target_graphs": target,
+                       **run(name, records, graph, pbc, w, args.batches, target, devices, loader=kind)}
+                if step_mode:
+                    row.update(_step_verdict(row, consumed, args.devices_per_host))
+                out["cases"].append(row)
+                if verbose:
+                    _print_row(row, step_mode)
         if verbose:
             print(f"  budget: {row['budget']}")
     if args.json:
@@ -261,7 +283,8 @@ def _step_verdict(row, consumed, devices_per_host) -> dict:
 
 def _print_row(row, step_mode):
     waste = row["padding_waste"]
-    print(f"  workers={row['workers']}: {row['structures_per_s']:8.1f} structures/s  "
+    tag = "grain " if row["loader"] == "grain" else ""
+    print(f"  {tag}workers={row['workers']}: {row['structures_per_s']:8.1f} structures/s  "
           f"{row['batches_per_s']:6.2f} batches/s  ({row['structures_per_batch']:.1f} structures/batch, "
           f"{row['skipped']} skipped above kmax; "
           f"padding waste node {waste['node']:.0%}, a2a {waste['a2a']:.0%}, quad {waste['quad']:.0%})")
