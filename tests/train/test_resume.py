@@ -19,6 +19,7 @@ import pytest
 from jmp_jax.train import pretrain
 from jmp_jax.train.checkpointing import Checkpointer
 from jmp_jax.train.metrics import read_csv
+from tests.train import wandb_offline
 from tests.train.common import ROOT, env, get_config, run_main, start_main
 
 pytestmark = pytest.mark.slow
@@ -60,11 +61,16 @@ def _validation(workdir, params, constants) -> dict:
     return pretrain.evaluate(run, params, constants)
 
 
-def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path):
+def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     reference = tmp_path / "reference"
-    run_main(reference, **STEPS)
+    wandb_dir = wandb_offline.offline_env(monkeypatch, tmp_path)  # the reference run also logs to W&B
+    run_main(reference, **STEPS, **{"logging.wandb": True})
     expected = _losses(reference)
     assert sorted(expected) == list(range(1, 9))
+    (wb,) = wandb_offline.offline_runs(wandb_dir)  # offline: every scalar of the CSV, same steps and values
+    assert wb.id == (reference / "logs" / "wandb_run_id").read_text().strip() and wb.name == "reference"
+    assert wb.config["train.num_steps"] == 8 and wb.config["logging.wandb"] is True
+    assert wandb_offline.scalars(wb.rows) == read_csv(reference / "logs")
 
     workdir = tmp_path / "killed"
     with open(tmp_path / "killed.log", "w") as log:
