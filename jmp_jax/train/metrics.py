@@ -48,7 +48,7 @@ def logging_config() -> ml_collections.ConfigDict:
         wandb=False,  # also log to Weights & Biases (needs the `wandb` extra)
         wandb_project="jmp_jax",
         wandb_entity=config_dict.placeholder(str),  # None: the W&B default entity
-        wandb_mode=config_dict.placeholder(str),  # online | offline | disabled; None: WANDB_MODE or online
+        wandb_mode=config_dict.placeholder(str),  # one of WANDB_MODES; None: $WANDB_MODE, else online
         wandb_tags=(),
         run_name=config_dict.placeholder(str),  # None: the workdir's name
     ))
