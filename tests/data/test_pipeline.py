@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import os
 import signal
 import subprocess
@@ -93,12 +94,7 @@ def _assert_same_batches(got, expected):
 
 
 def _batches(loader, n):
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(loader, n))  # asks the loader for exactly n batches
 
 
 def test_batches_respect_budget_mix_tasks_and_carry_labels(sources, budget):
