@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from jmp_jax.data.readers.base import EntrySource, close_all, open_all
-from jmp_jax.data.readers.lmdb_env import open_readonly, release
+from jmp_jax.data.readers.lmdb_env import LmdbFile
 from jmp_jax.data.record import Record, RecordError
 
 
@@ -108,14 +108,13 @@ def _decode_json(raw: bytes, where: str) -> Any:
         raise ValueError(f"{where}: invalid JSON ({type(e).__name__}: {e})") from None
 
 
-class AseLmdbFile:
+class AseLmdbFile(LmdbFile):
     """One ``.aselmdb`` file, read-only."""
 
     RESERVED = (b"nextid", b"deleted_ids", b"metadata")
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.env = open_readonly(self.path)
+        super().__init__(path)
         try:
             with self.env.begin() as txn:
                 nextid = txn.get(b"nextid")
@@ -146,11 +145,6 @@ class AseLmdbFile:
         if not isinstance(row, dict):
             raise ValueError(f"row {i} is a {type(row).__name__}, not a dict")
         return row
-
-    def close(self):
-        if getattr(self, "env", None) is not None:
-            release(self.path)
-            self.env = None
 
 
 # --------------------------------------------------------------------------- the source

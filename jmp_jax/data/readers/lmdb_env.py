@@ -49,3 +49,18 @@ def release(path: Path) -> None:
         if entry[1] <= 0:
             entry[0].close()
             del _OPEN[key]
+
+
+class LmdbFile:
+    """One LMDB file opened read-only: `path` and its shared environment `env`
+    (None once closed)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.env = open_readonly(self.path)
+
+    def close(self) -> None:
+        """Drops this file's reference to the environment; closing twice is harmless."""
+        if getattr(self, "env", None) is not None:
+            release(self.path)
+            self.env = None

@@ -56,19 +56,18 @@ from typing import Any
 import numpy as np
 
 from jmp_jax.data.readers.base import EntrySource, close_all, logger, open_all
-from jmp_jax.data.readers.lmdb_env import open_readonly, release
+from jmp_jax.data.readers.lmdb_env import LmdbFile
 from jmp_jax.data.readers.pyg_pickle import describe, pyg_fields
 from jmp_jax.data.record import Record, RecordError
 from jmp_jax.torchfile import PickleDecodeError, loads
 
 
-class LmdbShard:
+class LmdbShard(LmdbFile):
     """One ``data.NNNN.lmdb`` file, opened read-only as JMP opens it."""
 
     def __init__(self, path: Path, index: int):
-        self.path = Path(path)
+        super().__init__(path)
         self.index = index
-        self.env = open_readonly(self.path)
         entries = int(self.env.stat()["entries"])
         with self.env.begin() as txn:
             raw = txn.get(b"length")
@@ -93,11 +92,6 @@ class LmdbShard:
     def get(self, local: int) -> bytes | None:
         with self.env.begin(write=False) as txn:
             return txn.get(str(local).encode("ascii"))
-
-    def close(self):
-        if getattr(self, "env", None) is not None:
-            release(self.path)
-            self.env = None
 
 
 def shard_paths(directory: Path) -> list[Path]:
