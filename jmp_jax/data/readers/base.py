@@ -194,6 +194,20 @@ def close_all(groups: dict[str, list]) -> None:
             o.close()
 
 
+def unpickle_file(path: Path, what: str, name: str) -> Any:
+    """The object pickled in file `path`, decoded without running code
+    (`jmp_jax.torchfile.loads`). `ValueError` "<what>: <name> is not a file" or
+    "<what>: cannot decode <name>: <reason>"."""
+    from jmp_jax.torchfile import PickleDecodeError, loads
+
+    if not path.is_file():
+        raise ValueError(f"{what}: {name} is not a file")
+    try:
+        return loads(path.read_bytes())
+    except PickleDecodeError as e:
+        raise ValueError(f"{what}: cannot decode {name}: {e}") from None
+
+
 def existing_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():

@@ -48,7 +48,15 @@ from pathlib import Path
 import numpy as np
 
 from jmp_jax.data.readers import splits as _splits
-from jmp_jax.data.readers.base import EntrySource, IndexSplitSource, find_file, logger, ordered, require_option
+from jmp_jax.data.readers.base import (
+    EntrySource,
+    IndexSplitSource,
+    find_file,
+    logger,
+    ordered,
+    require_option,
+    unpickle_file,
+)
 from jmp_jax.data.readers.units import (
     ASE_HARTREE,
     JMP_ANGSTROM_TO_BOHR,
@@ -61,7 +69,6 @@ from jmp_jax.data.readers.units import (
     scale,
 )
 from jmp_jax.data.record import Record, RecordError
-from jmp_jax.torchfile import PickleDecodeError, loads
 
 try:
     import h5py
@@ -402,12 +409,7 @@ def _greedy(keys, counts, target):
 
 
 def _load_key_list(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ValueError(f"ani1x: split key file {path} does not exist")
-    try:
-        keys = loads(path.read_bytes())
-    except PickleDecodeError as e:
-        raise ValueError(f"ani1x: cannot decode split key file {path}: {e}") from None
+    keys = unpickle_file(path, "ani1x", f"split key file {path}")
     if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
         raise ValueError(f"ani1x: {path} does not hold a list of formula strings")
     return list(keys)

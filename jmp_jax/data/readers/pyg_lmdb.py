@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from jmp_jax.data.readers.base import EntrySource, close_all, logger, open_all
+from jmp_jax.data.readers.base import EntrySource, close_all, logger, open_all, unpickle_file
 from jmp_jax.data.readers.lmdb_env import LmdbFile
 from jmp_jax.data.readers.pyg_pickle import describe, pyg_fields
 from jmp_jax.data.record import Record, RecordError
@@ -351,12 +351,7 @@ def _energy(rid: str, f: dict, key: str) -> float:
 
 def _load_oc20_ref(path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"oc20_ref: {p} is not a file")
-    try:
-        ref = loads(p.read_bytes())
-    except PickleDecodeError as e:
-        raise ValueError(f"oc20_ref: cannot decode {p}: {e}") from None
+    ref = unpickle_file(p, "oc20_ref", str(p))
     if not isinstance(ref, dict):
         raise ValueError(
             f"oc20_ref: {p} holds a {type(ref).__name__}, expected a dict 'random<sid>' -> energy"

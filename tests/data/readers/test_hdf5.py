@@ -165,6 +165,14 @@ def test_ani1x_explicit_keys_nan_and_pickled_lists(tmp_path, make, read):
         open_source("ani1x", path, split_keys={"train": ["H2O"]})
     with pytest.raises(ValueError, match="in both split"):
         open_source("ani1x", path, split_keys={"train": ["N1H3"], "val": ["N1H3"]})
+    with pytest.raises(ValueError, match=r"^ani1x: split key file .*missing.pkl is not a file$"):
+        open_source("ani1x", path, split_keys={"val": str(tmp_path / "missing.pkl")})
+    (tmp_path / "garbage.pkl").write_bytes(b"\x80\x05not a pickle")
+    with pytest.raises(ValueError, match=r"^ani1x: cannot decode split key file .*garbage.pkl: "):
+        open_source("ani1x", path, split_keys={"val": str(tmp_path / "garbage.pkl")})
+    keys_file.write_bytes(pickle.dumps({"N1H3": 1}))
+    with pytest.raises(ValueError, match="does not hold a list of formula strings"):
+        open_source("ani1x", path, split_keys={"val": str(keys_file)})
 
 
 def test_transition1x_splits_ids_no_conversion(tmp_path, make, read):

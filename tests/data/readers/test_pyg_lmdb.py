@@ -104,6 +104,11 @@ def test_oc20_ref_gives_total_energy(tmp_path, make, read):
         np.float32(-2.5) + np.float32(-200.5)
     )  # float32 tensor y: float32 (torch +=)
     assert [e.record_id for e in bad] == ["0_2"] and "random1002" in bad[0].reason
+    with pytest.raises(ValueError, match=r"^oc20_ref: .*absent.pkl is not a file$"):
+        open_source("oc20", d, oc20_ref=str(tmp_path / "absent.pkl"))
+    ref.write_bytes(b"\x80\x05not a pickle")
+    with pytest.raises(ValueError, match=r"^oc20_ref: cannot decode .*oc20_ref.pkl: "):
+        open_source("oc20", d, oc20_ref=str(ref))
 
 
 def test_is2re_prefers_relaxed_energy_and_drops_forces(tmp_path, make, read):
