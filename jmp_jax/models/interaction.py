@@ -66,13 +66,17 @@ class QuadrupletInteraction(nn.Module):
         return _symmetric_up(self, z, id_swap, self.emb_size_edge)
 
 
-class AtomEdgeInteraction(nn.Module):
-    """atom -> edge (`atom_edge_interaction`): atoms gathered onto a2ee2a sources."""
+class _AtomEdgeWidths(nn.Module):
+    """The widths of the two interactions over the a2ee2a graph (atom <-> edge)."""
 
     emb_size_atom: int
     emb_size_edge: int
     emb_size_in: int
     emb_size_out: int
+
+
+class AtomEdgeInteraction(_AtomEdgeWidths):
+    """atom -> edge (`atom_edge_interaction`): atoms gathered onto a2ee2a sources."""
 
     @nn.compact
     def __call__(self, h, rad, agg: AggregationBasis, ae_senders, id_swap):
@@ -83,13 +87,8 @@ class AtomEdgeInteraction(nn.Module):
         return _symmetric_up(self, z, id_swap, self.emb_size_edge)
 
 
-class EdgeAtomInteraction(nn.Module):
+class EdgeAtomInteraction(_AtomEdgeWidths):
     """edge -> atom (`edge_atom_interaction`): summed over the a2ee2a edges of each atom."""
-
-    emb_size_atom: int
-    emb_size_edge: int
-    emb_size_in: int
-    emb_size_out: int
 
     @nn.compact
     def __call__(self, m, rad, agg: AggregationBasis, ae_receivers, ae_mask, num_atoms: int):
