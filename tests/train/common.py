@@ -1,5 +1,6 @@
-"""A fast pre-training config for tests (demo data, 1 interaction block, small
-batches), usable in-process and as `main` flags, and a subprocess runner."""
+"""The pre-training config of the tests (`configs/pretrain.py:test`: demo data, 1
+interaction block, small batches), usable in-process and as `main` flags, and a
+subprocess runner."""
 
 from __future__ import annotations
 
@@ -11,36 +12,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = ROOT / "configs" / "pretrain.py"
-
-FAST = {
-    "train.num_steps": 8,
-    "train.log_every": 1,
-    "train.eval_every": 0,
-    "train.checkpoint_every": 3,
-    "train.warmup_steps": 2,
-    "model.num_blocks": 1,
-    "data.budget_sample": 32,
-    "data.structures_per_batch": 4,
-}
+PRESET = "test"
 
 
 def get_config(**overrides):
+    """`configs/pretrain.py:test` with dotted-key overrides."""
     spec = importlib.util.spec_from_file_location("pretrain_config", CONFIG_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("demo")
-    for key, value in {**FAST, **overrides}.items():
-        *path, leaf = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    config = module.get_config(PRESET)
+    config.update_from_flattened_dict(overrides)
     return config
 
 
 def main_flags(workdir, **overrides) -> list[str]:
-    values = {**FAST, **overrides}
-    return [f"--config={CONFIG_FILE}", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in values.items()]
+    return [f"--config={CONFIG_FILE}:{PRESET}", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def env(devices: int = 1) -> dict:
