@@ -235,7 +235,9 @@ def resolve_problems(config) -> tuple[TargetSpec | None, str, list[tuple[str, st
         fold = None
     try:
         spec = target_spec(benchmark, target, fold=fold)
-    except ValueError as e:  # "<benchmark> <target>: fold must be one of ..."
+    except ValueError as e:  # "<benchmark> <target>: fold must be one of ..." (others: an unknown target)
+        if "fold" not in str(e):
+            raise
         why = str(e).split(": ", 1)[-1]
         return None, f"{benchmark} {target}", [("data.fold", f"{fold!r}: {why}")]
     changes = {}
