@@ -8,7 +8,7 @@ from collections.abc import Callable
 from absl import app, flags
 
 
-def run_absl(main: Callable, module: str) -> None:
+def run_absl(main: Callable, module: str, **run_kwargs) -> None:
     """`app.run(main)` with `--help` listing `module`'s flags.
 
     absl's short help shows the flags of the module named by `sys.argv[0]`; under a
@@ -17,4 +17,4 @@ def run_absl(main: Callable, module: str) -> None:
     """
     for flag in flags.FLAGS.get_flags_for_module(module):
         flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
-    app.run(main)
+    app.run(main, **run_kwargs)
