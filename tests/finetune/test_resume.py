@@ -1,8 +1,8 @@
 """A fine-tuning run killed mid-way and restarted continues the same run.
 
-The demo config (`configs/finetune/demo.py`: rMD17 recipe, gradient forces, the
-shipped pre-trained tiny model as init, the embedded ethanol MD store), shrunk to
-3 epochs of 3 steps, through `python -m jmp_jax.main` exactly as a user runs it.
+The demo config's test preset (`configs/finetune/demo.py:test`: rMD17 recipe, gradient
+forces, the shipped pre-trained tiny model as init, the embedded ethanol MD store,
+shrunk to 3 epochs of 3 steps), through `python -m jmp_jax.main` exactly as a user runs it.
 The killed-and-restarted run must log bit-identical training losses, pick the same
 best epoch, write the same results.json numbers and export the same model as the
 uninterrupted run; the plateau / early-stopping / best state survive the restart.
@@ -31,13 +31,12 @@ from jmp_jax.train.metrics import read_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "finetune" / "demo.py"
-FAST = {"data.max_train": 24, "data.max_val": 8, "data.max_test": 8, "train.max_epochs": 3,
-        "train.log_every": 1, "data.budget_sample": 24}
+PRESET = "test"
 
 
 def _flags(workdir, **overrides):
-    values = {**FAST, **overrides}
-    return [f"--config={DEMO}", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in values.items()]
+    return [f"--config={DEMO}:{PRESET}", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 CACHE: dict = {}
@@ -87,27 +86,28 @@ def _evaluation_reproduces_the_results(reference, results, out):
     from jmp_jax.inference import load
 
     model = load(reference / "model")
-    got = evaluate(model, _config(DEMO, **FAST), split="test", out=out, progress=False)
+    config = _config(DEMO, PRESET)
+    got = evaluate(model, config, split="test", out=out, progress=False)
     assert sorted(got["metrics"]) == sorted(results["test"])
     worst = 0.0
     for key, value in results["test"].items():
         np.testing.assert_allclose(got["metrics"][key], value, rtol=1e-5, err_msg=key)
         worst = max(worst, abs(got["metrics"][key] - value) / max(abs(value), 1e-300))
     print(f"jmp_jax.evaluate vs results.json test: max relative difference {worst:.3g}")
-    assert got["counts"]["structures"] == FAST["data.max_test"] and got["split"] == "test"
+    assert got["counts"]["structures"] == config.data.max_test == 8 and got["split"] == "test"
     assert json.loads((out / METRICS).read_text())["metrics"] == got["metrics"]
     assert (out / PARITY).read_bytes()[:4] == b"\x89PNG"
     with open(out / PREDICTIONS, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["id", "atom", "component", "free", "target", "prediction"]
-    assert len(rows) == 3 * got["counts"]["atoms"] and len({r["id"] for r in rows}) == FAST["data.max_test"]
+    assert len(rows) == 3 * got["counts"]["atoms"] and len({r["id"] for r in rows}) == config.data.max_test
     mae = np.mean([abs(float(r["prediction"]) - float(r["target"])) for r in rows])
     np.testing.assert_allclose(got["metrics"]["force_mae"], mae, rtol=1e-12)
 
     with pytest.raises(EvaluationError, match="fine-tuned for rmd17 ethanol, but the config is rmd17 aspirin"):
         evaluate(model, _config(ROOT / "configs" / "finetune" / "rmd17.py", "aspirin,tiny"), out=out / "x")
     with pytest.raises(EvaluationError, match="other graph settings.*cutoff: model 7.0, config 5.0"):
-        evaluate(model, _config(DEMO, **FAST, **{"graph.cutoff": 5.0}), out=out / "x")
+        evaluate(model, _config(DEMO, PRESET, **{"graph.cutoff": 5.0}), out=out / "x")
     with pytest.raises(EvaluationError, match="pre-training config.*'finetune' model"):
         evaluate(model, _config(ROOT / "configs" / "pretrain.py", "demo"), out=out / "x")
     assert not (out / "x").exists()
