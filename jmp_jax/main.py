@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
 from jmp_jax import config_check
+from jmp_jax.cli import run_absl
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, logs and the run's static shapes.")
@@ -101,8 +102,8 @@ def main(argv):
 
 
 def run() -> None:
-    """The console script `jmp-jax-train`."""
-    app.run(main, flags_parser=parse_flags)
+    """The console script `jmp-jax-train` (its --help lists this module's flags)."""
+    run_absl(main, __name__, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -404,7 +404,7 @@ def fit(recipe: Recipe, workdir) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     if primary:
-        check_logging_config(config.get("logging"))  # a missing wandb fails here, before any compile
+        check_logging_config(config.logging)  # a missing wandb fails here, before any compile
     run = build_run(recipe, workdir)
     state, num_steps = run.state, run.num_steps
 
@@ -422,7 +422,7 @@ def fit(recipe: Recipe, workdir) -> dict:
     start = int(state.step)
     sampler = recipe.sampler()
     loader = run.loader(state=data_state, sampler=sampler)
-    writer = MetricWriter(workdir / "logs", enabled=primary, logging=config.get("logging"), run_config=config,
+    writer = MetricWriter(workdir / "logs", enabled=primary, logging=config.logging, run_config=config,
                           run_name=workdir.resolve().name)
     if primary and start == 0:
         print(recipe.start_message(run), flush=True)
