@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jmp_jax import parity  # noqa: E402
 from jmp_jax.convert import mapping  # noqa: E402

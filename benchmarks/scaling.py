@@ -77,9 +77,7 @@ def measure(args) -> dict:
     import numpy as np
     from jax.sharding import Mesh
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    sys.path.insert(0, str(ROOT))
-    from train_step import batch_of, time_steps
+    from train_step import batch_of, time_steps  # a sibling script: `python benchmarks/scaling.py` puts benchmarks/ first
 
     from jmp_jax.constants import MESH_AXIS, model_preset
     from jmp_jax.data.pipeline import shard_batches

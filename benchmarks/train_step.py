@@ -31,15 +31,12 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jmp_jax.data.batch import PadSizes, bucket_size, collate  # noqa: E402
 from jmp_jax.data.pipeline import row_maxima, shard_batches  # noqa: E402

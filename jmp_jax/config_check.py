@@ -75,10 +75,34 @@ def schema_of(config) -> ml_collections.ConfigDict | None:
         return finetune_config(str(config.benchmark), f"{config.target},tiny")  # every size has the same keys
     if not PRETRAIN_CONFIG.is_file():
         return None
-    spec = importlib.util.spec_from_file_location("_jmp_jax_pretrain_schema", PRETRAIN_CONFIG)
+    return config_module(PRETRAIN_CONFIG).get_config("demo")
+
+
+def config_module(path: str | os.PathLike):
+    """The Python module of a config file (`configs/...py`), executed fresh."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_jmp_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config("demo")
+    return module
+
+
+def load(spec: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
+         check: bool = True) -> ml_collections.ConfigDict:
+    """The config that `--config=<spec> --config.<key>=<value> ...` gives, from Python.
+
+    `spec` is ``path[:arg]`` as on the command line (``configs/finetune/rmd17.py:aspirin,test``);
+    `overrides` maps dotted keys to values. With `check` the result is validated (ConfigError
+    on any problem), as `jmp_jax.main` does.
+    """
+    path, _, arg = str(spec).partition(":")
+    module = config_module(path)
+    config = module.get_config(arg) if arg else module.get_config()
+    if overrides:
+        config.update_from_flattened_dict(dict(overrides))
+    return validate(config, str(spec)) if check else config
 
 
 def _type_name(t: type) -> str:

@@ -5,7 +5,6 @@ any JAX compile. No model is built here."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+from jmp_jax import config_check
 from jmp_jax.config_check import ConfigError, problems_of, validate
 from jmp_jax.finetune.benchmarks import ALL_BENCHMARKS, targets
 from jmp_jax.finetune.config import TEST_PRESET, finetune_config
@@ -22,11 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-def _module(path: Path):
-    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_module = config_check.config_module
 
 
 def _keys(error: ConfigError) -> list[str]:

@@ -403,9 +403,7 @@ def test_a_worker_dying_at_start_is_an_error_not_a_hang(tmp_path):
     re-runs it and dies while starting. With sources too big for one pipe buffer
     the parent must still fail fast (multiprocessing's own spawn write would block)."""
     script = tmp_path / "no_main_guard.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(ROOT)!r})
+    script.write_text(textwrap.dedent("""
         import numpy as np
         from tests.data.test_pipeline import _molecules
         from jmp_jax.data.pipeline import GraphLoader, GraphSource, estimate_budget, make_example
@@ -417,7 +415,7 @@ def test_a_worker_dying_at_start_is_an_error_not_a_hang(tmp_path):
         next(iter(GraphLoader([src], MixtureSampler((400,), seed=0), budget, workers=2)))
     """))
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)), check=False)
     assert out.returncode != 0
     assert "exited unexpectedly" in out.stderr, out.stderr[-3000:]
 

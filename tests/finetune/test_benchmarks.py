@@ -7,12 +7,12 @@ number, from JMP's launcher config/all-jmp-l-configs.py), not read back from the
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from jmp_jax.config_check import config_module
 from jmp_jax.data.ingest import RecordListSource, ingest
 from jmp_jax.data.readers import open_source
 from jmp_jax.data.record import Record
@@ -218,11 +218,7 @@ GROUPS = {
 
 
 def _config_file(benchmark):
-    path = ROOT / "configs" / "finetune" / f"{benchmark}.py"
-    spec = importlib.util.spec_from_file_location(f"_finetune_config_{benchmark}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_module(ROOT / "configs" / "finetune" / f"{benchmark}.py")
 
 
 def test_config_schema_and_files():

@@ -13,7 +13,6 @@ config on the test split, reproduces its results.json test numbers.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jmp_jax.config_check import load
 from jmp_jax.train.metrics import read_csv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,12 +70,7 @@ def _model_arrays(path):
 
 def _config(path, arg=None, **overrides):
     """The config a `--config=path[:arg] --config.<key>=<value>` command line gives."""
-    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config() if arg is None else module.get_config(arg)
-    config.update_from_flattened_dict(overrides)
-    return config
+    return load(str(path) if arg is None else f"{path}:{arg}", overrides, check=False)
 
 
 def _evaluation_reproduces_the_results(reference, results, out):

@@ -11,7 +11,6 @@ fine-tuning run's results.json is in tests/finetune/test_resume.py (it owns the 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jmp_jax.config_check import load
 from jmp_jax.evaluate import CONFUSION, METRICS, PARITY, PREDICTIONS, EvaluationError, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,10 +92,7 @@ def test_metrics_equal_a_numpy_computation_from_predictions_csv(pretrain_eval):
 
 
 def _config(path, arg=None):
-    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
+    return load(str(path) if arg is None else f"{path}:{arg}", check=False)
 
 
 def test_pretrain_metrics_equal_the_training_objective(pretrain_eval):

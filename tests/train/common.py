@@ -4,11 +4,12 @@ subprocess runner."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from jmp_jax.config_check import load
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = ROOT / "configs" / "pretrain.py"
@@ -17,12 +18,7 @@ PRESET = "test"
 
 def get_config(**overrides):
     """`configs/pretrain.py:test` with dotted-key overrides."""
-    spec = importlib.util.spec_from_file_location("pretrain_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(PRESET)
-    config.update_from_flattened_dict(overrides)
-    return config
+    return load(f"{CONFIG_FILE}:{PRESET}", overrides, check=False)
 
 
 def main_flags(workdir, **overrides) -> list[str]:

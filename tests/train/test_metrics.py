@@ -161,12 +161,9 @@ def test_wandb_missing_or_bad_mode(monkeypatch):
 def test_logging_config_in_run_configs():
     from jmp_jax.finetune.config import finetune_config
 
-    sys.path.insert(0, str(ROOT))
-    try:
-        from configs.pretrain import get_config
-    finally:
-        sys.path.remove(str(ROOT))
-    for config in (get_config("demo"), finetune_config("md22", "Ac-Ala3-NHMe,tiny")):
+    from jmp_jax.config_check import load
+
+    for config in (load(ROOT / "configs" / "pretrain.py"), finetune_config("md22", "Ac-Ala3-NHMe,tiny")):
         assert config.logging.to_dict() == logging_config().to_dict()
         assert config.logging.wandb is False
         flat = flatten_config(config)
