@@ -33,11 +33,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jmp_jax.data.batch import RANK_FIELDS, BatchLayout, GraphBatch, PadSizes, write_padding, write_structure
+from jmp_jax.data.batch import RANK_FIELDS, BatchLayout, GraphBatch, PadSizes
 from jmp_jax.data.record import Record
 from jmp_jax.data.sampling import MixtureSampler, SamplerState
 from jmp_jax.data.store import PackedStore, SplitReader
-from jmp_jax.graphs.build import DIMS
 
 log = logging.getLogger(__name__)
 
@@ -289,50 +288,14 @@ class GrainGraphLoader:
 
     def _steps(self, rows: int, layout: BatchLayout) -> Iterator[tuple[np.ndarray, SamplerState]]:
         """`rows` packed batches per step in one buffer (as `GraphLoader._steps`)."""
-        from jmp_jax.data.pipeline import Example, _Packer
-
-        packer = _Packer(self.budget, self.epoch_aligned, self._start)
-        row_nbytes = layout.row_nbytes
-        buffer, used, state = None, 0, self._start
-
-        def place(batch):
-            nonlocal buffer, used
-            if buffer is None:
-                buffer = np.empty(rows * row_nbytes, np.uint8)
-            out = layout.views(buffer, used * row_nbytes)
-            for i, (example, _, starts) in enumerate(batch.members):
-                write_structure(out, example.graphs, i, starts, example.node_labels, example.graph_labels)
-            write_padding(out, layout, len(batch.members), batch.total)
-            self.stats.batches += 1
-            self.stats.structures += len(batch.members)
-            self.stats.real.update(batch.total)
-            self.stats.padded.update({d: self.budget[d] for d in DIMS})
-            used += 1
+        from jmp_jax.data.pipeline import _Packer, pack_in_process
 
         iterator = iter(self.dataset())
         try:
-            for index, example in iterator:
-                st = self._state_of(index)
-                if not isinstance(example, Example):
-                    self.stats.skipped += 1
-                    log.warning("skipping structure %s: %s", *example)
-                    packer.skip(st)
-                    continue
-                closed = packer.add(example, example.graphs.sizes, st)
-                if closed is not None:
-                    place(closed)
-                    state = closed.state
-                    if used == rows:
-                        yield buffer, state
-                        buffer, used = None, 0
-            closed = packer.flush()
-            if closed is not None:
-                place(closed)
-                state = closed.state
-            if buffer is not None:
-                for row in range(used, rows):
-                    write_padding(layout.views(buffer, row * row_nbytes), layout, 0, dict.fromkeys(DIMS, 0))
-                yield buffer, state
+            built = ((example, self._state_of(index)) for index, example in iterator)
+            yield from pack_in_process(built, _Packer(self.budget, self.epoch_aligned, self._start), rows, layout,
+                                       self._start, self.stats.skip,
+                                       lambda batch: self.stats.count(batch, self.budget))
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:

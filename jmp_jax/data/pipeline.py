@@ -62,7 +62,7 @@ import threading
 import time
 import traceback
 import weakref
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -236,6 +236,18 @@ class PackingStats:
         """Fraction of each padded dimension that held padding."""
         return {d: 1.0 - self.real[d] / self.padded[d] for d in DIMS if self.padded[d]}
 
+    def skip(self, structure_id, reason) -> None:
+        """A structure that could not be built: counted and logged with its id."""
+        self.skipped += 1
+        log.warning("skipping structure %s: %s", structure_id, reason)
+
+    def count(self, batch: "_Batch", budget: PadSizes) -> None:
+        """A closed batch: its structures, real sizes and the padded budget."""
+        self.batches += 1
+        self.structures += len(batch.members)
+        self.real.update(batch.total)
+        self.padded.update({d: budget[d] for d in DIMS})
+
 
 def fits(total: dict, sizes: dict, budget: PadSizes) -> bool:
     return all(total[d] + sizes[d] + 1 <= budget[d] for d in DIMS)
@@ -298,6 +310,50 @@ class _Packer:
         batch = _Batch(self.members, self.total, self.last_state)
         self.members, self.total = [], dict.fromkeys(DIMS, 0)
         return batch
+
+
+def pack_in_process(built: Iterable[tuple[Example | tuple[str, str], SamplerState]], packer: _Packer, rows: int,
+                    layout: BatchLayout, start: SamplerState, on_skip: Callable[[str, str], None],
+                    on_batch: Callable[[_Batch], None]) -> Iterator[tuple[np.ndarray, SamplerState]]:
+    """Packs built structures (an `Example`, or `(id, reason)` for one that could not be
+    built, with the stream state after it) in stream order into steps of `rows` batches
+    in one buffer (`layout.views`), yielded with the stream state after the step's last
+    batch; the end of a finite stream fills the last step's remaining rows with
+    all-padding batches. The in-process half of `GraphLoader` (and of the grain loader)."""
+    buffer, used, state = None, 0, start
+    row_nbytes = layout.row_nbytes
+
+    def place(batch: _Batch):
+        nonlocal buffer, used
+        if buffer is None:
+            buffer = np.empty(rows * row_nbytes, np.uint8)
+        out = layout.views(buffer, used * row_nbytes)
+        for i, (example, _, starts) in enumerate(batch.members):
+            write_structure(out, example.graphs, i, starts, example.node_labels, example.graph_labels)
+        write_padding(out, layout, len(batch.members), batch.total)
+        on_batch(batch)
+        used += 1
+
+    for example, st in built:
+        if not isinstance(example, Example):
+            on_skip(*example)
+            packer.skip(st)
+            continue
+        closed = packer.add(example, example.graphs.sizes, st)
+        if closed is not None:
+            place(closed)
+            state = closed.state
+            if used == rows:
+                yield buffer, state
+                buffer, used = None, 0
+    closed = packer.flush()
+    if closed is not None:
+        place(closed)
+        state = closed.state
+    if buffer is not None:
+        for row in range(used, rows):
+            write_padding(layout.views(buffer, row * row_nbytes), layout, 0, dict.fromkeys(DIMS, 0))
+        yield buffer, state
 
 
 def local_batch_count(mesh, per_device: int = 1) -> int:
@@ -700,16 +756,8 @@ class GraphLoader:
         """Edge-dropout entropy of the record that ends at stream state `st`."""
         return (self.sampler.seed, self.sampler.process_index, st.epoch, st.position)
 
-    def _skip(self, structure_id, reason, stats: PackingStats | None = None):
-        (self.stats if stats is None else stats).skipped += 1
-        log.warning("skipping structure %s: %s", structure_id, reason)
-
-    def _count(self, batch: _Batch, stats: PackingStats | None = None) -> None:
-        stats = self.stats if stats is None else stats
-        stats.batches += 1
-        stats.structures += len(batch.members)
-        stats.real.update(batch.total)
-        stats.padded.update({d: self.budget[d] for d in DIMS})
+    def _count(self, batch: _Batch) -> None:
+        self.stats.count(batch, self.budget)
 
     def _add_stats(self, delta: PackingStats) -> None:
         self.stats.batches += delta.batches
@@ -736,43 +784,12 @@ class GraphLoader:
         return self._worker_steps(rows, layout) if self.workers > 0 else self._local_steps(rows, layout)
 
     def _local_steps(self, rows: int, layout: BatchLayout):
-        packer = _Packer(self.budget, self.epoch_aligned, self._start)
-        buffer, used = None, 0
-        row_nbytes = layout.row_nbytes
+        def built():
+            for d, r, st in self.sampler.stream(self._start, epochs=self.epochs):
+                yield _build(self.sources, self.budget, self.kmax, self.layout, d, r, self._seed(st)), st
 
-        def place(batch: _Batch):
-            nonlocal buffer, used
-            if buffer is None:
-                buffer = np.empty(rows * row_nbytes, np.uint8)
-            out = layout.views(buffer, used * row_nbytes)
-            for i, (example, _, starts) in enumerate(batch.members):
-                write_structure(out, example.graphs, i, starts, example.node_labels, example.graph_labels)
-            write_padding(out, layout, len(batch.members), batch.total)
-            self._count(batch)
-            used += 1
-
-        state = self._start
-        for d, r, st in self.sampler.stream(self._start, epochs=self.epochs):
-            example = _build(self.sources, self.budget, self.kmax, self.layout, d, r, self._seed(st))
-            if not isinstance(example, Example):
-                self._skip(*example)
-                packer.skip(st)
-                continue
-            closed = packer.add(example, example.graphs.sizes, st)
-            if closed is not None:
-                place(closed)
-                state = closed.state
-                if used == rows:
-                    yield buffer, state
-                    buffer, used = None, 0
-        closed = packer.flush()
-        if closed is not None:
-            place(closed)
-            state = closed.state
-        if buffer is not None:
-            for row in range(used, rows):
-                write_padding(layout.views(buffer, row * row_nbytes), layout, 0, dict.fromkeys(DIMS, 0))
-            yield buffer, state
+        return pack_in_process(built(), _Packer(self.budget, self.epoch_aligned, self._start), rows, layout,
+                               self._start, self.stats.skip, self._count)
 
     def _worker_steps(self, rows: int, layout: BatchLayout):
         pool = self._pool = _SlotPool(layout, rows)
@@ -832,7 +849,7 @@ class GraphLoader:
             team.send(team.least_loaded(), ("pad", step.slot, row, len(batch.members),
                                              tuple(batch.total[d] for d in DIMS)))
             step.pending += len(per_worker) + 1
-            self._count(batch, step.stats)
+            step.stats.count(batch, self.budget)
             step.stats.skipped += skipped.skipped
             skipped.skipped = 0
 
@@ -850,7 +867,7 @@ class GraphLoader:
                     result, st = chunk.results[i], chunk.states[i]
                     chunk.consumed += 1
                     if result[0] == "skip":
-                        self._skip(result[1], result[2], skipped)
+                        skipped.skip(result[1], result[2])
                         packer.skip(st)
                         continue
                     closed = packer.add((chunk.worker, (chunk.id, i)), dict(zip(DIMS, result[1])), st)
