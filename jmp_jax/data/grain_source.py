@@ -27,13 +27,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
-import threading
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from jmp_jax.data.batch import RANK_FIELDS, BatchLayout, GraphBatch, PadSizes
+from jmp_jax.data.batch import BatchLayout, PadSizes
+from jmp_jax.data.pipeline import GraphLoader, _Packer, pack_in_process
 from jmp_jax.data.record import Record
 from jmp_jax.data.sampling import MixtureSampler, SamplerState
 from jmp_jax.data.store import PackedStore, SplitReader
@@ -211,7 +210,7 @@ class _BuildItem:
         return index, _build(self.sources, self.budget, self.kmax, self.layout, d, r, seed)
 
 
-class GrainGraphLoader:
+class GrainGraphLoader(GraphLoader):
     """`pipeline.GraphLoader`'s batches, with grain doing the sampling stream and the
     worker processes (see the module docstring). Same arguments and state as
     `GraphLoader` for what it supports: sources, sampler, budget, workers, devices,
@@ -228,31 +227,9 @@ class GrainGraphLoader:
                  devices=None, prefetch: int = 2, state: SamplerState | dict | None = None,
                  epochs: int | None = None, kmax=None, epoch_aligned: bool = False,
                  worker_buffer_size: int = 16):
-        from jmp_jax.data.pipeline import PackingStats, batch_layout
-
-        if len(sources) != len(sampler.sizes):
-            raise ValueError(f"{len(sources)} sources but the sampler mixes {len(sampler.sizes)} datasets")
-        self.sources = list(sources)
-        self.sampler = sampler
-        self.budget = budget
-        self.workers = workers
-        self.devices = devices
-        self.prefetch = prefetch
-        self.epochs = epochs
-        self.epoch_aligned = epoch_aligned
+        super().__init__(sources, sampler, budget, workers=workers, devices=devices, prefetch=prefetch,
+                         state=state, epochs=epochs, kmax=kmax, epoch_aligned=epoch_aligned)
         self.worker_buffer_size = worker_buffer_size
-        self.kmax = None if kmax is None else {k: int(kmax[k]) for k in RANK_FIELDS}
-        self.layout = batch_layout(self.sources, budget)
-        self.transport_layout = batch_layout(self.sources, budget, transport=True, kmax=self.kmax)
-        if isinstance(state, dict):
-            state = SamplerState.from_dict(state)
-        self._start = state or SamplerState()
-        self._state = self._start
-        self.stats = PackingStats()
-
-    def state(self) -> dict:
-        """Resumable position: after the last record of the last batch handed out."""
-        return self._state.to_dict()
 
     @property
     def shard_options(self):
@@ -288,7 +265,6 @@ class GrainGraphLoader:
 
     def _steps(self, rows: int, layout: BatchLayout) -> Iterator[tuple[np.ndarray, SamplerState]]:
         """`rows` packed batches per step in one buffer (as `GraphLoader._steps`)."""
-        from jmp_jax.data.pipeline import _Packer, pack_in_process
 
         iterator = iter(self.dataset())
         try:
@@ -301,67 +277,6 @@ class GrainGraphLoader:
             if close is not None:
                 close()
             del iterator
-
-    def host_batches(self) -> Iterator[tuple[GraphBatch, SamplerState]]:
-        """Packed numpy batches with the stream state after each."""
-        for buffer, state in self._steps(1, self.layout):
-            yield self.layout.batch(self.layout.views(buffer)), state
-
-    def __iter__(self):
-        if self.devices is None:
-            for batch, state in self.host_batches():
-                self._state = state
-                yield batch
-            return
-        yield from self._device_iter()
-
-    def _device_iter(self):
-        from jax.sharding import Mesh
-
-        from jmp_jax.constants import MESH_AXIS
-        from jmp_jax.data.pipeline import place_rows
-
-        mesh = Mesh(np.asarray(self.devices), (MESH_AXIS,))
-        rows = len(self.devices)
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def producer():
-            steps = self._steps(rows, self.transport_layout)
-            try:
-                for buffer, state in steps:
-                    if not put((place_rows(buffer, self.transport_layout, mesh), state)):
-                        return
-                put(None)
-            except BaseException as e:  # surfaced in the consumer
-                put(e)
-            finally:
-                steps.close()
-
-        thread = threading.Thread(target=producer, daemon=True, name="jmp_jax-grain (producer)")
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                batch, state = item
-                self._state = state
-                yield batch
-        finally:
-            stop.set()
-            thread.join(timeout=60)
 
 
 __all__ = ["FIELDS", "ArraysRecords", "GrainGraphLoader", "StoreDataSource", "arrays_record", "record_arrays"]
