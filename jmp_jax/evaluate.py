@@ -591,7 +591,7 @@ def summary(result: dict) -> str:
 # ---------------------------------------------------------------------- CLI
 def run() -> None:
     """The `jmp-jax-evaluate` / `python -m jmp_jax.evaluate` command line (absl flags below)."""
-    from absl import app, flags, logging
+    from absl import flags
     from ml_collections import config_flags
 
     FLAGS = flags.FLAGS
@@ -607,11 +607,7 @@ def run() -> None:
     flags.DEFINE_bool("plots", True, "Write the parity / confusion plot.")
     flags.mark_flags_as_required(["model", "config"])
 
-    def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        if not FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)
+    def main():
         try:
             result = evaluate(FLAGS.model, FLAGS.config, split=FLAGS.split, out=FLAGS.out,
                               batch_size=FLAGS.batch_size, max_structures=FLAGS.max_structures,

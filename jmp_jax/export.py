@@ -21,9 +21,7 @@ flags.DEFINE_string("out", None, "Model directory to write (replaced if it exist
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
     from jmp_jax.inference.model_dir import ModelDirError, export_pretraining
 
     try:

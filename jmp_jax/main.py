@@ -81,11 +81,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"jmp_jax: {config_check.ConfigError(problems, _config_source(argv))}")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 brings it back
-        logging.set_verbosity(logging.WARNING)
+def main():
+    """Validate --config, then fine-tune or pre-train (flags parsed by `run`)."""
     try:
         config = config_check.validate(FLAGS.config, source=_config_source(sys.argv))
     except config_check.ConfigError as e:

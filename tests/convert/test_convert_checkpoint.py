@@ -98,9 +98,12 @@ def test_raw_state_dict_is_the_recipe(parity_ckpt, mmap):
     path, _, meta = parity_ckpt
     sd = read_checkpoint(path, mmap=mmap)["state_dict"]
     assert any(k.startswith("task_steps.") for k in sd)
+    _assert_raw_recipe({k: v for k, v in sd.items() if not k.startswith("task_steps.")}, meta)
+
+
+def _assert_raw_recipe(sd, meta):
+    """Every tensor is the weight recipe's (salt "") or the buffer stored in meta."""
     for key, value in sd.items():
-        if key.startswith("task_steps."):
-            continue
         want = _buffer_value(key, meta)
         if want is None:
             want = recipe(key, value.shape, "")
@@ -146,11 +149,7 @@ def test_no_ema_returns_raw_weights(parity_ckpt):
     path, _, meta = parity_ckpt
     sd, info = load_checkpoint(path, ema=False)
     assert not info.ema_used and info.num_ema_tensors == 0 and info.warnings == []
-    for key, value in sd.items():
-        want = _buffer_value(key, meta)
-        if want is None:
-            want = recipe(key, value.shape, "")
-        np.testing.assert_array_equal(value, want, err_msg=key)
+    _assert_raw_recipe(sd, meta)
 
 
 def test_parity_ema_misalignment(parity_ckpt):

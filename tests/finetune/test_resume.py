@@ -15,10 +15,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,6 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jmp_jax.config_check import load
+from tests.train.common import kill_after_checkpoint
 from jmp_jax.train.metrics import read_csv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,16 +124,7 @@ def test_killed_finetuning_resumes_the_same_run(tmp_path, monkeypatch):
     _evaluation_reproduces_the_results(reference, results, tmp_path / "eval")
 
     workdir = tmp_path / "killed"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = _start(workdir, log=log)
-        deadline = time.time() + 600
-        while not (workdir / "checkpoints" / "3").is_dir():  # the end of epoch 1
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_checkpoint(lambda log: _start(workdir, log=log), workdir, 3, tmp_path / "killed.log")  # end of epoch 1
     assert not (workdir / "results.json").exists()
     out = _run(workdir)
     assert "from the checkpoint of step 3" in out, out[-3000:]

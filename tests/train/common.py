@@ -5,8 +5,10 @@ subprocess runner."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from jmp_jax.config_check import load
@@ -36,6 +38,21 @@ def env(devices: int = 1) -> dict:
 def start_main(workdir, devices: int = 1, log=None, **overrides) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jmp_jax.main", *main_flags(workdir, **overrides)], cwd=ROOT,
                             env=env(devices), stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_after_checkpoint(start, workdir, step: int, log_path, timeout: float = 600) -> None:
+    """Runs `start(log)` (a Popen writing to `log`) until `workdir/checkpoints/<step>` exists
+    (orbax renames a step's directory when it is complete), then SIGKILLs it."""
+    with open(log_path, "w") as log:
+        proc = start(log)
+        deadline = time.time() + timeout
+        while not (Path(workdir) / "checkpoints" / str(step)).is_dir():
+            assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+            assert time.time() < deadline, f"no checkpoint {step} after {timeout} s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def run_main(workdir, devices: int = 1, timeout: float = 600, **overrides) -> str:

@@ -5,11 +5,8 @@ validation uses the EMA weights."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -20,7 +17,7 @@ from jmp_jax.train import pretrain
 from jmp_jax.train.checkpointing import Checkpointer
 from jmp_jax.train.metrics import read_csv
 from tests.train import wandb_offline
-from tests.train.common import ROOT, env, get_config, run_main, start_main
+from tests.train.common import ROOT, env, get_config, kill_after_checkpoint, run_main, start_main
 
 pytestmark = pytest.mark.slow
 
@@ -73,16 +70,7 @@ def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     assert wandb_offline.scalars(wb.rows) == read_csv(reference / "logs")
 
     workdir = tmp_path / "killed"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = start_main(workdir, log=log, **STEPS)
-        deadline = time.time() + 600
-        while not (workdir / "checkpoints" / "3").is_dir():  # orbax renames a step's directory when complete
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_checkpoint(lambda log: start_main(workdir, log=log, **STEPS), workdir, 3, tmp_path / "killed.log")
     before = _losses(workdir)
     assert 3 <= max(before) < 8, before  # killed mid-way, after the step-3 checkpoint
 
