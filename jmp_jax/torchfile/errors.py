@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PickleDecodeError", "TorchFileError"]
+__all__ = ["PickleDecodeError", "TorchFileError", "check_storage"]
 
 
 class TorchFileError(ValueError):
@@ -13,3 +13,14 @@ class TorchFileError(ValueError):
 class PickleDecodeError(TorchFileError):
     """A legacy torch stream or a plain pickle (an LMDB value, a storage's bytes, a
     legacy file) that is malformed or holds something the reader cannot decode."""
+
+
+def check_storage(size: int | None, key: str, nbytes: int, where: str, missing: str,
+                  error: type[TorchFileError] = TorchFileError) -> None:
+    """Refuses a storage the pickle references but the file does not hold (`size` None,
+    `missing` says what is absent) or holds fewer than the declared `nbytes` bytes of."""
+    if size is None:
+        raise error(f"{where}: the pickle references storage {key!r} but {missing}")
+    if size < nbytes:
+        raise error(f"{where}: storage {key!r} is truncated: the pickle declares {nbytes} bytes "
+                    f"but the file holds {size}")

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jmp_jax.torchfile.errors import PickleDecodeError, TorchFileError
+from jmp_jax.torchfile.errors import PickleDecodeError, TorchFileError, check_storage
 from jmp_jax.torchfile.formats import LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION
 from jmp_jax.torchfile.inert import inert_class
 from jmp_jax.torchfile.unpickler import TorchUnpickler
@@ -55,14 +55,8 @@ class _LegacyStorages:
 
     def read_storage(self, key: str, nbytes: int) -> np.ndarray:
         raw = self.raw.get(key)
-        if raw is None:
-            raise PickleDecodeError(
-                f"legacy torch stream references storage {key!r} but holds no data for it"
-            )
-        if raw.size < nbytes:
-            raise PickleDecodeError(
-                f"legacy torch storage {key!r} is truncated: {raw.size} of {nbytes} bytes"
-            )
+        check_storage(None if raw is None else raw.size, key, nbytes, "legacy torch stream",
+                      "the stream holds no data for it", PickleDecodeError)
         return raw[:nbytes]
 
 

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jmp_jax.torchfile.errors import TorchFileError
+from jmp_jax.torchfile.errors import TorchFileError, check_storage
 from jmp_jax.torchfile.formats import ZIP_MAGIC, not_torch_file_message
 from jmp_jax.torchfile.unpickler import TorchUnpickler
 
@@ -140,15 +140,8 @@ class _Archive:
         """The first `nbytes` bytes of storage `key`, as a 1-D uint8 array."""
         name = f"{self.prefix}data/{key}"
         info = self.infos.get(name)
-        if info is None:
-            raise TorchFileError(
-                f"{self.name}: the pickle references storage {key!r} but the archive has no {name!r}"
-            )
-        if info.file_size < nbytes:
-            raise TorchFileError(
-                f"{self.name}: storage {key!r} is truncated: the pickle declares {nbytes} bytes "
-                f"but the record holds {info.file_size}"
-            )
+        check_storage(None if info is None else info.file_size, key, nbytes, self.name,
+                      f"the archive has no {name!r}")
         if nbytes == 0:
             return np.zeros(0, np.uint8)
         if self.map is not None and info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
