@@ -4,7 +4,7 @@ to bf16, matmuls in bf16, geometry, bases and losses in float32).
 
     python benchmarks/bf16_parity.py [--configs tiny,jmp_s,jmp_l] [--json]
 
-For each parity config (JMP's recipe weights, `shared/parity`) and system it
+For each parity config (JMP's recipe weights, docs/parity.md) and system it
 reports, for the pre-training heads (energy per task, direct forces) and the
 fine-tuning energy model (energy, gradient forces F = −∂E/∂x):
   fp32 vs PyTorch: max relative error of our float32 against JMP's outputs;

@@ -3,7 +3,7 @@
     python benchmarks/finetune_step.py [--model jmp_s|jmp_l|tiny] [--data qm9|matbench|rmd17]
                                        [--dtype float32|bfloat16] [--steps 5]
 
-Batches like JMP's fine-tuning (jmp_training_spec §2.2):
+Batches like JMP's fine-tuning (docs/training.md#benchmark-settings):
   qm9       48 molecules (QM9's batch) from the installed qm9pack package (real QM9
             geometries, 18 atoms on average), cutoff 8 Å, k = 30, scalar head (sum);
   matbench  8 periodic crystals (MatBench's batch for most tasks; ASE bulk cells,

@@ -2,7 +2,7 @@
 
 demo (default): the embedded demo stores (jmp_jax/data/demo), the `tiny`
   GemNet-OC, a few hundred steps: finishes in minutes on a laptop CPU.
-jmp_s / jmp_l: JMP's recipe (jmp_training_spec §1) on ingested packed stores
+jmp_s / jmp_l: JMP's recipe (docs/training.md#pre-training) on ingested packed stores
   of OC20, OC22, ANI-1x and Transition-1x; set their paths with
       --config.tasks.oc20.path=/data/oc20 --config.tasks.oc22.path=... \\
       --config.tasks.ani1x.path=... --config.tasks.transition1x.path=...
@@ -10,7 +10,7 @@ jmp_s / jmp_l: JMP's recipe (jmp_training_spec §1) on ingested packed stores
 test: the demo shrunk to the test suite's run (`TEST`): 8 steps of 4 structures, one
   interaction block, a checkpoint every 3 steps, no validation.
 
-Graph settings per task follow gemnet_oc_spec §1.2: OC20/OC22 periodic with
+Graph settings per task follow docs/graphs.md#cutoffs-and-neighbour-counts: OC20/OC22 periodic with
 cutoff 12 Å, ANI-1x/Transition-1x free molecules with cutoff 8 Å; k = 30.
 Normalisation: energy_std / force_std None = from the store's training
 statistics (referenced energy std, force RMS); the JMP presets use the
@@ -28,7 +28,7 @@ from jmp_jax.train.metrics import logging_config
 
 DEMO_DATA = str(Path(__file__).resolve().parents[1] / "jmp_jax" / "data" / "demo")
 
-# (σ_E eV, σ_F eV/Å, λ_F) of JMP's released pre-training config (jmp_training_spec §1.2),
+# (σ_E eV, σ_F eV/Å, λ_F) of JMP's released pre-training config (docs/training.md#normalisation),
 # the head order of the released checkpoints, and each task's periodicity.
 JMP_NORMALISATION = PRETRAIN_NORMALIZATION
 TASKS = PRETRAIN_TASKS

@@ -4,9 +4,9 @@ One place for values that used to live in two or three copies:
 
 * `MESH_AXIS`: the name of the data-parallel mesh axis every step shards over.
 * `PRETRAIN_TASKS`: JMP's pre-training datasets in head order (the released
-  checkpoints' `output_heads` order; gemnet_oc_spec §4).
+  checkpoints' `output_heads` order; docs/checkpoint_mapping.md#head-order).
 * `PRETRAIN_NORMALIZATION`: (σ_E eV, σ_F eV/Å, λ_F) per task of JMP's released
-  pre-training config (jmp_training_spec §1.2).
+  pre-training config (docs/training.md#normalisation).
 * `MODEL_PRESETS` / `model_preset`: the GemNet-OC sizes by name (`tiny` is the
   parity-fixture config, `jmp_s` / `jmp_l` JMP's `base()` / `large()`).
 """

@@ -2,7 +2,7 @@
 
 A linear reference models a total energy by its composition alone,
 ``E_ref(structure) = sum over atoms of coeff[Z]``; models then learn ``E - E_ref``
-(jmp_training_spec §1.2, §5.2). This module fits, loads, saves and applies them.
+(docs/datasets.md#linear-references). This module fits, loads, saves and applies them.
 
 * `composition_matrix`: element counts per structure, ``[S, 120]``.
 * `fit_linear_reference`: least squares without intercept, in float64, on the

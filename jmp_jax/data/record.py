@@ -1,6 +1,6 @@
 """One record schema for every dataset JMP uses.
 
-Readers convert each source's units on ingestion (datasets_spec §0.1), so every
+Readers convert each source's units on ingestion (docs/datasets.md#units), so every
 `Record` holds Å, eV, eV/Å and eV/Å³. A record is validated before it is written;
 a bad one raises `RecordError` carrying its id and the reason, which ingestion
 reports, counts and skips.

@@ -1,6 +1,6 @@
 """JMP's multi-dataset temperature sampling, deterministic and resumable.
 
-jmp_training_spec §1.3: dataset d of n_d records gets probability
+docs/training.md#dataset-sampling: dataset d of n_d records gets probability
 p_d ∝ (n_d / Σn)^(1/T) (T = 2 in JMP; T = 1 is proportional). As in JMP this is
 done by *expansion*: each dataset is virtually repeated (indices modulo n_d) to
 m_d = p_d · max_k(n_k / p_k) samples, so the most over-represented dataset keeps

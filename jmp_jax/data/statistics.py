@@ -1,7 +1,7 @@
 """Per-dataset statistics computed on the training split of a packed store.
 
 * per-element linear reference energies: least squares without intercept of
-  E ≈ Σ_atoms c[Z] (datasets_spec §11; jmp_training_spec §1.2); elements absent
+  E ≈ Σ_atoms c[Z] (docs/datasets.md#linear-references, docs/training.md#normalisation); elements absent
   from the data get 0 (the minimum-norm solution);
 * energy mean/std before and after referencing, per-structure;
 * force component mean and std (the std is JMP's force normaliser), RMS;

@@ -1,4 +1,4 @@
-"""JMP's fine-tuning benchmarks: one `TargetSpec` per ``benchmark:target`` (jmp_training_spec §2.2).
+"""Fine-tuning benchmarks: one `TargetSpec` per ``benchmark:target`` (docs/training.md#benchmark-settings).
 
     spec = target_spec("qm9", "homo")              # -> canonical target "eps_HOMO"
     spec = target_spec("matbench", "mp_e_form", fold=3)
@@ -15,9 +15,9 @@ comment names another source:
 * ``T: <file>`` - JMP's task classes ``src/jmp/tasks/finetune/<file>.py`` (graph
   cutoffs, neighbour counts, heads, reductions, loss coefficients).
 * ``DC`` - ``src/jmp/tasks/finetune/dataset_config.py`` (QM9 per-element references).
-* ``§3`` - the paper's Tables 2-5 as transcribed in jmp_training_spec §3.
+* ``P`` - the paper's Tables 2-5 (docs/training.md#paper-results).
 
-Deliberately *not* copied from A (config bugs, jmp_training_spec §2.2 / §6): the QM9
+Deliberately *not* copied from A (config bugs, docs/training.md#config-bugs-we-do-not-copy): the QM9
 key ``"eps_HMO"`` (our target is ``eps_HOMO`` and gets A's ``eps_HMO`` statistics);
 the wrong sign of A's rMD17 energy means (energies are not trained, so no energy
 statistics are kept here at all); the duplicated ``stachyose`` entry of A's MD22 list.
@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 
 BENCHMARKS: tuple[str, ...] = ("qm9", "rmd17", "md22", "spice", "matbench", "qmof")  # JMP's paper
-# Beyond JMP's paper (jmp_training_spec §5.2): OC22's total-energy tasks.
+# Beyond JMP's paper (docs/training.md#oc22-total-energy): OC22's total-energy tasks.
 EXTRA_BENCHMARKS: tuple[str, ...] = ("oc22",)
 ALL_BENCHMARKS: tuple[str, ...] = BENCHMARKS + EXTRA_BENCHMARKS
 NUM_ELEMENT_REFERENCES = 120  # index = Z, 0..119
@@ -164,7 +164,7 @@ QM9_ELEMENT_REFERENCE_Z0_9 = {
     "c_v": (0.0, 1.2409e00, -3.3307e-16, 4.4409e-16, -1.1102e-16, 0.0, 2.0350e00, 2.7877e00, 3.0860e00,
             3.3401e00),
 }  # fmt: skip
-# §3.1 (paper Table 2), in the reported unit: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
+# P (paper Table 2), in the reported unit: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
 _QM9_PAPER = {
     "mu": (0.020, 0.023, 0.010, 0.008),
     "alpha": (0.052, 0.056, 0.037, 0.032),
@@ -199,7 +199,7 @@ RMD17_FORCE_STD = {  # A: MD17_STATS[...]["force"].std, eV/Å (force mean 0)
     "toluene": 1.246547,
     "uracil": 1.3692871,
 }
-_RMD17_PAPER = {  # §3.2 (Table 3), meV/Å: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
+_RMD17_PAPER = {  # P (Table 3), meV/Å: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
     "aspirin": (24.3, 24.7, 6.7, 5.1),
     "azobenzene": (11.1, 11.4, 4.5, 3.3),
     "benzene": (1.0, 1.0, 0.7, 0.3),
@@ -236,7 +236,7 @@ MD22_FORCE_STD = {  # A: MD22_NORM[...]["force"].std, eV/Å (A's force means are
     "buckyball-catcher": 1.0899031,
     "double-walled_nanotube": 1.0137014,
 }
-_MD22_PAPER = {  # §3.4 (Table 5), meV/Å: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
+_MD22_PAPER = {  # P (Table 5), meV/Å: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
     "Ac-Ala3-NHMe": (5.07, 6.27, 2.64, 1.92),
     "DHA": (2.87, 3.95, 2.01, 1.37),
     "stachyose": (2.22, 3.85, 2.69, 1.73),
@@ -250,7 +250,7 @@ _MD22_PAPER = {  # §3.4 (Table 5), meV/Å: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
 SPICE_SUBSETS = ("dipeptides", "solvated_amino_acids")  # the spice reader's subset names (file stems)
 _SPICE_ALIASES = {"solvated": "solvated_amino_acids"}
 SPICE_FORCE_STD = {"dipeptides": 0.5386545, "solvated_amino_acids": 0.81945145}  # A: SPICE_NORMALIZATION
-_SPICE_PAPER = {  # §3.4 (Table 5), meV/Å: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
+_SPICE_PAPER = {  # P (Table 5), meV/Å: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
     "dipeptides": (8.78, 10.68, 4.71, 3.64),
     "solvated_amino_acids": (22.14, 28.64, 5.71, 4.75),
 }
@@ -313,7 +313,7 @@ MATBENCH_NORMALIZATION = {
 }  # fmt: skip
 MP_IS_METAL_CLASS_WEIGHTS = (1.0, 1.34219693)  # A: MulticlassClassificationTargetConfig(class_weights=...)
 MP_IS_METAL_DROPOUT = 0.5  # A: same, dropout=0.5
-# §3.3 (Table 4), fold 0, reported unit: (GN-OC-S, GN-OC-L, JMP-S, JMP-L); mp_is_metal is not in the paper.
+# P (Table 4), fold 0, reported unit: (GN-OC-S, GN-OC-L, JMP-S, JMP-L); mp_is_metal is not in the paper.
 _MATBENCH_PAPER_FOLD0 = {
     "jdft2d": (26.19, 25.34, 20.72, 23.12),
     "phonons": (93.45, 88.74, 26.6, 21.28),
@@ -324,7 +324,7 @@ _MATBENCH_PAPER_FOLD0 = {
     "mp_gap": (0.228, 0.235, 0.119, 0.089),
     "mp_e_form": (31.4, 33.1, 13.6, 10.3),
 }
-# §3.3: mean test MAE over the 5 folds (JMP only; GN-OC scratch was run on fold 0 only).
+# P (Table 4): mean test MAE over the 5 folds (JMP only; GN-OC scratch was run on fold 0 only).
 MATBENCH_PAPER_FOLD_MEAN = {
     "jdft2d": {"jmp_s": 30.16, "jmp_l": 29.94},
     "phonons": {"jmp_s": 22.77, "jmp_l": 20.57},
@@ -340,10 +340,10 @@ MATBENCH_PAPER_FOLD_MEAN = {
 QMOF_TARGETS = ("bandgap",)  # PBE band gap; the reader's (and JMP's) record key is "y"
 _QMOF_ALIASES = {"y": "bandgap", "band_gap": "bandgap"}
 QMOF_NORMALIZATION = (2.1866251527, 1.175752521125648)  # A: QMOF_NORMALIZATION["y"], eV
-_QMOF_PAPER = {"bandgap": (0.25, 0.24, 0.18, 0.16)}  # §3.3, eV: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
+_QMOF_PAPER = {"bandgap": (0.25, 0.24, 0.18, 0.16)}  # P (Table 4), eV: (GN-OC-S, GN-OC-L, JMP-S, JMP-L)
 
 # =========================================================================== OC22
-# Not in JMP's paper (jmp_training_spec §5.2; fairchem's OC22 docs). S2EF-Total: DFT total energy
+# Not in JMP's paper (docs/training.md#oc22-total-energy; fairchem's OC22 docs). S2EF-Total: DFT total energy
 # and forces of any frame; IS2RE-Total: the relaxed total energy from the initial structure.
 # Total energies are trained after subtracting per-element linear references (OC22's practice),
 # fitted on the training split by least squares or read from a file (`data.linear_reference`);
@@ -352,7 +352,7 @@ _QMOF_PAPER = {"bandgap": (0.25, 0.24, 0.18, 0.16)}  # §3.3, eV: (GN-OC-S, GN-O
 OC22_TARGETS = ("s2ef_total", "is2re_total")
 _OC22_ALIASES = {"s2ef": "s2ef_total", "is2re": "is2re_total"}
 OC22_SPLITS = ("val_id", "val_ood", "test_id", "test_ood")
-# λ_F: JMP's pre-training coefficient of OC22 (≈ mean atoms per structure, jmp_training_spec §1.5).
+# λ_F: JMP's pre-training coefficient of OC22 (≈ mean atoms per structure, docs/training.md#losses).
 OC22_FORCE_COEF = 80.0
 
 

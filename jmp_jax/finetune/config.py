@@ -13,7 +13,7 @@ moves a MatBench run to fold 3 *and* to fold 3's normalisation. Any of them can 
 flag to override JMP's value.
 
 **Sources.** Every default is JMP's launcher ``config/all-jmp-l-configs.py`` (source A,
-the paper's runs; jmp_training_spec §2.1-2.2): AdamW lr 8e-5, betas (0.9, 0.95), eps 1e-8,
+the paper's runs; docs/training.md#fine-tuning-recipe): AdamW lr 8e-5, betas (0.9, 0.95), eps 1e-8,
 weight decay 0.1, element-wise gradient clipping at 1.0, layer-wise LR decay, 5 warmup
 epochs from 0.1x, cosine to 0.1x until epoch 32, then ReduceLROnPlateau x0.8 (patience
 3, rMD17 10), early stopping after 50 epochs without improvement (rMD17 1000) or once
@@ -182,7 +182,7 @@ def finetune_config(benchmark: str, arg: str) -> ml_collections.ConfigDict:
         "eps": 1e-8,
         "weight_decay": 0.1,
         "clip_value": 1.0,  # element-wise gradient clipping
-        "llrd": True,  # layer-wise LR decay (jmp_training_spec §2.1)
+        "llrd": True,  # layer-wise LR decay (docs/training.md#fine-tuning-recipe)
         "warmup_epochs": 5.0,
         "warmup_start": 0.1,  # warmup from 0.1x the group's LR
         "cosine_epochs": 32.0,  # cosine decay until this epoch, then ReduceLROnPlateau

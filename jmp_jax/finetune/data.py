@@ -5,7 +5,7 @@
 
 `path` may be
 
-* the raw files in their original layout (datasets_spec §1-6), read with
+* the raw files in their original layout (docs/datasets.md#fine-tuning-datasets), read with
   `jmp_jax.data.readers.open_source(spec.reader, path, **spec.reader_options, seed=seed)`
   and JMP's splits (seed 42): rMD17 ``rmd17_<molecule>.npz``, MD22 ``md22_<molecule>.npz``,
   SPICE ``<subset>.h5``, QM9 ``qm9_v3.pt`` / PyG's raw files / qm9pack CSVs, MatBench
@@ -97,18 +97,18 @@ def expected_input(spec: TargetSpec) -> str:
     o = spec.reader_options
     raw = {
         "qm9": "qm9_v3.pt, PyG's raw gdb9.sdf + gdb9.sdf.csv + uncharacterized.txt, qm9pack's "
-        "qm9_part1..3.csv (or their directory), or 'qm9pack' (datasets_spec §3)",
+        "qm9_part1..3.csv (or their directory), or 'qm9pack' (docs/datasets.md#qm9)",
         "rmd17": f"rmd17_{o.get('molecule')}.npz or a directory holding it (directly or under npz_data/, "
-        "rmd17/npz_data/) (datasets_spec §1)",
-        "md22": f"md22_{o.get('molecule')}.npz or its directory (datasets_spec §2)",
-        "spice": f"{o.get('subset')}.h5 or its directory (datasets_spec §4)",
+        "rmd17/npz_data/) (docs/datasets.md#rmd17)",
+        "md22": f"md22_{o.get('molecule')}.npz or its directory (docs/datasets.md#md22)",
+        "spice": f"{o.get('subset')}.h5 or its directory (docs/datasets.md#spice)",
         "matbench": f"matbench_{o.get('task')}.json.gz or its directory"
         + (f", with {MATBENCH_VALIDATION_FILE} beside it" if spec.kind == "classification" else "")
-        + " (datasets_spec §5)",
-        "qmof": "a directory holding qmof.json and qmof_structure_data.json (datasets_spec §6)",
+        + " (docs/datasets.md#matbench)",
+        "qmof": "a directory holding qmof.json and qmof_structure_data.json (docs/datasets.md#qmof)",
         "oc22": "OC22's LMDB release directory (sub-directories train/, val_id/, val_ood/, test_id/, test_ood/ "
         "of *.lmdb shards; IS2RE LMDBs give the relaxed energy), or a directory of exports per split: "
-        "<split>.aselmdb, <split>.extxyz (.xyz, .traj, .db) or <split>/*.aselmdb (datasets_spec §8, §12)",
+        "<split>.aselmdb, <split>.extxyz (.xyz, .traj, .db) or <split>/*.aselmdb (docs/datasets.md#oc22)",
     }[spec.benchmark]
     return f"expected {raw}, or a packed store from `python -m jmp_jax.data.ingest`"
 

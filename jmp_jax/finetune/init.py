@@ -1,4 +1,4 @@
-"""Initialising a fine-tuning model from a pre-trained one (jmp_training_spec §2.1).
+"""Initialising a fine-tuning model from a pre-trained one (docs/training.md#fine-tuning-recipe).
 
 `--config.init` is one of
   * a model directory (`model.json` + `variables/`) written by

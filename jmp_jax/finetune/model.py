@@ -1,4 +1,4 @@
-"""The fine-tuning model: JMP's backbone + one task head (jmp_training_spec §2.1).
+"""The fine-tuning model: JMP's backbone + one task head (docs/training.md#fine-tuning-recipe).
 
 Heads by `kind` (the TargetSpec's, plus "direct_forces"):
   scalar          `GraphScalarHead` "head": per-atom 5-layer MLP reduced per structure

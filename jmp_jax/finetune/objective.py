@@ -1,5 +1,5 @@
 """JMP's fine-tuning losses and metrics as an `Objective` of the shared step
-(jmp_training_spec §2.1, §4).
+(docs/training.md#fine-tuning-recipe, docs/training.md#metrics).
 
 Per head kind, with y the target label of a structure (already minus its
 per-element reference, in the data unit; host float64 -> float32) and ŷ the

@@ -1,4 +1,4 @@
-"""JMP's fine-tuning optimiser (jmp_training_spec §2.1, source A = config/all-jmp-l-configs.py).
+"""JMP's fine-tuning optimiser (docs/training.md#fine-tuning-recipe, source A = config/all-jmp-l-configs.py).
 
 What JMP does, and what this module provides for it:
 
@@ -71,7 +71,7 @@ __all__ = [
 # Layer-wise learning-rate decay
 # ---------------------------------------------------------------------------------------------
 
-#: JMP-L (6 blocks): the multipliers of config/all-jmp-l-configs.py (spec §2.1).
+#: JMP-L (6 blocks): the multipliers of config/all-jmp-l-configs.py.
 LLRD_JMP_L: dict[str, float] = {
     "embedding": 0.3,
     "blocks_0": 0.55,
@@ -83,7 +83,7 @@ LLRD_JMP_L: dict[str, float] = {
 }
 
 #: JMP-S (4 blocks). The official repo gives NO JMP-S fine-tuning LLRD values (JMP issue
-#: #5); these come from a third-party snippet (base LR 8e-5) and are unverified (spec §2.1).
+#: #5); these come from a third-party snippet (base LR 8e-5) and are unverified.
 LLRD_JMP_S: dict[str, float] = {
     "embedding": 0.3,
     "blocks_0": 0.30,

@@ -1,7 +1,7 @@
 """JMP fine-tuning as a recipe of the shared engine: `train_and_evaluate(config, workdir)`.
 
 From a `configs/finetune/<benchmark>.py:<target>[,<size>]` config (resolved to a
-`TargetSpec`, jmp_training_spec §2):
+`TargetSpec`, docs/training.md#fine-tuning):
   * data: the benchmark's train / val / test splits (`finetune.data.load_splits`),
     one shuffled epoch after another (seed 42); batches hold at most `batch_size`
     structures and never straddle epochs;

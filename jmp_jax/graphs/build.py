@@ -1,10 +1,10 @@
 """Structure -> the four GemNet-OC graphs and every interaction index (host side).
 
-gemnet_oc_spec §2.5: the a2a graph is the radius graph with the a2a
+docs/graphs.md#the-four-graphs: the a2a graph is the radius graph with the a2a
 max-neighbour count; main, a2ee2a and qint are max-neighbour sub-selections of
 a2a with one common cutoff; qint keeps only edges touching a tag in `qint_tags`.
-The main graph is then symmetrised (§2.6) and all triplet / quadruplet indices
-are enumerated (§2.7).
+The main graph is then symmetrised (graphs.md#symmetrisation) and all triplet / quadruplet
+indices are enumerated (graphs.md#interaction-indices).
 
 `StructureGraphs` is the per-structure record (local indices, numpy); its field
 layout is described once in `FIELDS`, which `jmp_jax.data.batch` uses to shift
@@ -44,7 +44,7 @@ class MaxNeighbors(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class GraphConfig:
-    """Graph settings of one dataset (spec §1.2).
+    """Graph settings of one dataset (docs/graphs.md#cutoffs-and-neighbour-counts).
 
     cutoff: one cutoff (Å) for all four graphs. max_neighbors: the base k.
     qint_tags: the tags whose edges the quadruplet graph keeps.
@@ -53,7 +53,7 @@ class GraphConfig:
       choice among equidistant neighbours; see `select_max_neighbors`).
     edge_dropout: training-time probability of dropping each a2a edge before the
       other three graphs are sub-selected from it, so all four graphs lose the
-      edges (JMP's pre-training, jmp_training_spec §1.4). Needs an `rng` in
+      edges (JMP's pre-training, docs/training.md#pre-training-model). Needs an `rng` in
       `build_graphs`; 0 for validation and inference.
     """
 
@@ -190,7 +190,7 @@ def build_edge_sets(structure: Structure, config: GraphConfig,
 
 def build_graphs(structure: Structure, config: GraphConfig,
                  rng: np.random.Generator | None = None) -> StructureGraphs:
-    """All graphs and interaction indices of one structure (spec §2.5–§2.7);
+    """All graphs and interaction indices of one structure (docs/graphs.md);
     `rng` drives the training-time edge dropout (`GraphConfig.edge_dropout`)."""
     try:
         edge_sets = build_edge_sets(structure, config, rng, geometry=False)

@@ -1,6 +1,6 @@
 """GemNet-OC interaction indices, built on the host in vectorised numpy.
 
-Spec: gemnet_oc_spec §2.6 (symmetrisation, id_swap) and §2.7 (triplets, mixed
+See docs/graphs.md#symmetrisation (id_swap) and docs/graphs.md#interaction-indices (triplets, mixed
 triplets, quadruplets, ranks). Every function works on one structure's local
 indices; `jmp_jax.data.batch` shifts them into a batch.
 
@@ -41,7 +41,7 @@ class TripletIndex:
 
 @dataclasses.dataclass(frozen=True)
 class QuadrupletIndex:
-    """Quadruplets d -> b -> a <- c (spec §2.7).
+    """Quadruplets d -> b -> a <- c (docs/graphs.md#quadruplets).
 
     triplet_in: (in = main edge d->b, out = qint edge b->a).
     triplet_out: (in = qint edge b->a, out = main edge c->a).
@@ -60,7 +60,7 @@ class QuadrupletIndex:
 
 
 def symmetrize(edges: Edges) -> tuple[Edges, np.ndarray]:
-    """JMP's main-graph symmetrisation (spec §2.6) for one structure.
+    """JMP's main-graph symmetrisation (docs/graphs.md#symmetrisation) for one structure.
 
     Keeps the canonical edges (s < t, or s == t with a lexicographically negative
     offset) in their order, then appends their reverses in the same order. The

@@ -1,6 +1,6 @@
 """Radius graphs for periodic and free structures, and strict max-neighbour selection.
 
-Conventions (gemnet_oc_spec §2.1): an edge e = (s -> t) has a source (neighbour)
+Conventions (docs/graphs.md#conventions): an edge e = (s -> t) has a source (neighbour)
 s and a target (centre) t; `offsets[e]` = n in Z^3 puts the source image at
 x_s + n @ cell; the distance is |x_t - x_s - n @ cell| and the unit vector points
 from the source image to the target. Messages are aggregated onto targets.

@@ -1,6 +1,6 @@
 """The permutation torch.sort produces on CPU, for JMP-exact neighbour ties.
 
-JMP truncates neighbour lists with an unstable `torch.sort` (gemnet_oc_spec §2.4).
+JMP truncates neighbour lists with an unstable `torch.sort` (docs/graphs.md#max-neighbours-and-torch-sort).
 On CPU that is libstdc++'s `std::sort` (introsort: median-of-three quicksort,
 heapsort past the depth limit, insertion sort below 16 elements) over
 (value, index) pairs compared by value only. When distances tie exactly at the

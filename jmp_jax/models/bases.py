@@ -1,5 +1,5 @@
 """Geometry, radial / angular / spherical bases and their padded aggregation layout
-(gemnet_oc_spec §3.3). Everything here is computed once per forward pass and
+(docs/model.md#bases). Everything here is computed once per forward pass and
 shared by all interaction and output blocks.
 
 Aggregation formulation (why padded slots). Every triplet-like interaction needs,
@@ -42,7 +42,7 @@ from jmp_jax.data.batch import RANK_FIELDS, bucket_size
 from jmp_jax.models.layers import CONSTANTS, Dense, he_orthogonal_torch, to_compute_dtype
 
 # Real spherical harmonics Y_l^0(z), l = 0..6, as JMP's sympy-generated constants
-# (spec §3.3), applied in float32.
+# (docs/model.md#angular-and-spherical-bases), applied in float32.
 _Y0 = 0.282094791773878
 
 
@@ -67,7 +67,7 @@ def spherical_harmonics_m0(z):
 
 def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     """torch.linspace in float32 (first half from the start, second half from the end),
-    which differs from float32(k/(steps-1)) by 1 ulp at some k (spec §3.3)."""
+    which differs from float32(k/(steps-1)) by 1 ulp at some k (docs/model.md#radial-basis)."""
     step = np.float32((end - start) / (steps - 1))
     i = np.arange(steps)
     half = steps // 2
@@ -305,7 +305,7 @@ def make_slots(out, rank, mask, num_rows: int, kmax: int, chunk: int | None = No
 
 
 class BasisEmbedding(nn.Module):
-    """A[r] = (R[r] · W.reshape(R, I·S')).reshape(I, S') (spec §3.3).
+    """A[r] = (R[r] · W.reshape(R, I·S')).reshape(I, S') (docs/model.md#basis-embeddings).
 
     The Flax weight is [R, I, S'], the row-major reinterpretation of JMP's stored
     [R, S', I] tensor (not a transpose)."""

@@ -1,4 +1,4 @@
-"""Hyper-parameters of the JMP GemNet-OC backbone (gemnet_oc_spec §1.1).
+"""Hyper-parameters of the JMP GemNet-OC backbone (docs/model.md#hyper-parameters).
 
 Only the settings that change the computation are fields. JMP's fixed choices
 (Gaussian rbf with 128 centres, polynomial envelope of exponent 5, Legendre cbf,
@@ -47,7 +47,7 @@ class GemNetOCConfig:
     # round-tripping its configs and use `direct_forces`.
     direct_forces: bool = True
     regress_forces: bool = True
-    # Training-only dropout of a2a edges with the 1/(1-p) output-block boost (spec §3.5, §3.9).
+    # Training-only a2a edge dropout, 1/(1-p) output-block boost (docs/model.md#training-only-behaviour).
     edge_dropout: float | None = None
     # True: the a2a edges were already dropped when the graphs were built
     # (`GraphConfig.edge_dropout`, JMP's way: all four graphs lose them), so the
@@ -106,7 +106,7 @@ class GemNetOCConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "GemNetOCConfig":
-        """The `tiny` parity config (every width different, see shared/parity)."""
+        """The `tiny` parity config (every width different, docs/parity.md#fixture-format)."""
         values = dict(
             num_blocks=2,
             emb_size_atom=64,

@@ -1,4 +1,4 @@
-"""The JMP GemNet-OC backbone (gemnet_oc_spec §3): bases, interaction blocks,
+"""The JMP GemNet-OC backbone (docs/model.md#forward-pass): bases, interaction blocks,
 output blocks, final MLPs. Input: a padded `GraphBatch` and the atom embedding
 h⁰ [N, emb_size_atom] (the embedding lives outside the backbone, as in JMP).
 

@@ -1,4 +1,4 @@
-"""Output heads on the backbone's per-atom / per-edge features (gemnet_oc_spec §4).
+"""Output heads on the backbone's per-atom / per-edge features (docs/model.md#heads).
 
 Every head has the signature `head(out: BackboneOutput, batch, deterministic=True)`
 and excludes padding (atoms, edges and structures outside `batch.masks`).

@@ -1,5 +1,5 @@
 """GemNet-OC interaction block: the four interactions, atom update and edge refresh
-(gemnet_oc_spec §3.4). Flax names mirror JMP's module paths."""
+(docs/model.md#interaction-block). Flax names mirror JMP's module paths."""
 
 from __future__ import annotations
 

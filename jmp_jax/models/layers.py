@@ -1,4 +1,4 @@
-"""Primitive GemNet-OC layers (gemnet_oc_spec §3.1, §5).
+"""Primitive GemNet-OC layers (docs/model.md#layers, docs/model.md#initialisation).
 
 Flax names mirror JMP's module paths so the checkpoint mapping stays a naming
 rule: a torch path `a.b.0.c.linear.weight` becomes the Flax path
@@ -44,7 +44,7 @@ def _standardize(w, axes):
 def he_orthogonal_torch(key, torch_shape, dtype=jnp.float32):
     """JMP's he_orthogonal init in torch layout: orthogonal, standardised per output
     unit (the rows of a 2-D [out, in] weight, the last-axis slices of a 3-D
-    [R, S', I] BasisEmbedding weight), times 1/sqrt(fan_in) (spec §5)."""
+    [R, S', I] BasisEmbedding weight), times 1/sqrt(fan_in) (docs/model.md#initialisation)."""
     rows = torch_shape[0]
     cols = int(np.prod(torch_shape[1:]))
     w = jax.nn.initializers.orthogonal()(key, (rows, cols), dtype).reshape(torch_shape)
@@ -85,7 +85,7 @@ class ResidualLayer(nn.Module):
 
 
 class ScaleFactor(nn.Module):
-    """x · s with a fitted constant s; s == 0 ("unfitted") is the identity (spec §3.1)."""
+    """x · s with a fitted constant s; s == 0 ("unfitted") is the identity."""
 
     @nn.compact
     def __call__(self, x):

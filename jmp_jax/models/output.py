@@ -1,4 +1,4 @@
-"""Output blocks and the final MLPs (gemnet_oc_spec §3.5, §3.6)."""
+"""Output blocks and the final MLPs (docs/model.md#output-blocks, docs/model.md#backbone-outputs)."""
 
 from __future__ import annotations
 

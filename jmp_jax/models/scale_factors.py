@@ -1,4 +1,4 @@
-"""JMP's fitted GemNet-OC scale factors (gemnet_oc_spec §3.8), for training JMP-S / JMP-L
+"""JMP's fitted GemNet-OC scale factors (docs/model.md#scale-factors), for training JMP-S / JMP-L
 from scratch without a checkpoint.
 
 `JMP_SCALE_FACTORS[preset]` maps the torch name relative to the backbone (e.g.

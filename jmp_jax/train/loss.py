@@ -1,4 +1,4 @@
-"""Per-task normalisation and JMP's multi-task pre-training loss (jmp_training_spec §1.2, §1.5).
+"""Per-task normalisation and JMP's multi-task pre-training loss (docs/training.md#pre-training).
 
 Every structure goes through all T task heads (static shapes); the loss picks
 the column of its own task. In normalised units, per structure g of task t:

@@ -1,4 +1,4 @@
-"""JMP's pre-training optimiser (jmp_training_spec §1.6).
+"""JMP's pre-training optimiser (docs/training.md#pre-training-optimiser).
 
 AdamW (lr 3e-4, β = (0.9, 0.95), ε 1e-8, weight decay 0.1 on every parameter),
 global-norm clipping at 1.0, linear warmup from 0.2·lr over 2000 steps, then
@@ -6,7 +6,7 @@ cosine decay to 0.1·lr at the last step; EMA of the parameters (decay 0.99,
 every step). GemNet-OC's shared basis layers (`backbone/bases/mlp_*`) are used
 by every block, so their gradients are divided by the number of uses (nb, or
 nb + 1 for `mlp_rbf_out`) before clipping, as JMP's backward hooks do
-(gemnet_oc_spec §3.9).
+(docs/model.md#training-only-behaviour).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tiny raw files in each fine-tuning benchmark's original layout (datasets_spec §1-6), written
+"""Tiny raw files in each fine-tuning benchmark's original layout (docs/datasets.md), written
 lazily, once per session, by the writers of ``tests/data/readers/conftest.py`` (plus a fast
 PyG-raw QM9 writer here).
 

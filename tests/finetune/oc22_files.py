@@ -8,14 +8,14 @@ Layouts (splits ``train``, ``val_id``, ``val_ood``, ``test_id``, ``test_ood``):
 
 * ``"lmdb"``: ``root/<split>/data.0000.lmdb``, OCP/fairchem PyG LMDB shards with a
   ``length`` key, read by ``open_source("oc22", root)``. Fields as OC22's release
-  (datasets_spec §8): ``pos`` float32 [N, 3], ``cell`` float32 [1, 3, 3],
+  (docs/datasets.md#oc22): ``pos`` float32 [N, 3], ``cell`` float32 [1, 3, 3],
   ``atomic_numbers`` int64, ``natoms``, ``fixed`` bool, ``tags`` int64 (0 sub-surface,
   1 surface, 2 adsorbate), ``sid``, ``fid``, ``oc22`` = 1, ``y`` (Python float = float64,
   total energy, eV), ``force`` float32 [N, 3]. ``task="is2re"``: ``y_init``,
   ``y_relaxed`` (Python floats) and ``pos_relaxed`` float32 instead of ``y`` /
   ``force`` / ``fid`` (OC20/OC22 IS2RE LMDBs; the reader takes ``y_relaxed``).
 * ``"aselmdb"``: ``root/<split>.aselmdb``, fairchem ASE-LMDB rows (ase.io.jsonio
-  encoding, datasets_spec §12): numbers, positions, cell, pbc, tags, a FixAtoms
+  encoding, docs/datasets.md#ase-lmdb): numbers, positions, cell, pbc, tags, a FixAtoms
   constraint on the tag-0 atoms, calculator results ``energy`` (+ ``forces`` for
   S2EF), ``key_value_pairs`` {sid, fid | y_init, oc22}; IS2RE rows keep
   ``pos_relaxed`` in ``data``.

@@ -1,6 +1,6 @@
 """The fine-tuning benchmark registry, its configs, data loading and listing.
 
-Expected values are written out from jmp_training_spec §2.2 (and, where the spec gives no
+Expected values are written out from JMP's launcher tables (and, where the spec gives no
 number, from JMP's launcher config/all-jmp-l-configs.py), not read back from the registry.
 """
 
@@ -103,7 +103,7 @@ def test_k_for_natoms_thresholds():
     assert k_for_natoms(target_spec("md22", "double-walled_nanotube"), 370) == 30
 
 
-# jmp_training_spec §2.2 QM9 table, (mean, std) as printed there (3-4 significant digits)
+# JMP's launcher QM9_NORMALIZATION table, (mean, std) as printed there (3-4 significant digits)
 SPEC_QM9_NORMALIZATION = {
     "mu": (2.675, 1.505), "alpha": (75.31, 8.164), "eps_HOMO": (-6.535, 0.597), "eps_LUMO": (0.324, 1.274),
     "delta_eps": (6.859, 1.283), "ZPVE": (-0.0005, 0.049), "U_0": (0.0029, 1.097), "U": (0.0029, 1.094),

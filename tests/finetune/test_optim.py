@@ -1,4 +1,4 @@
-"""JMP's fine-tuning optimiser (jmp_training_spec §2.1): LLRD groups on the real
+"""JMP's fine-tuning optimiser (docs/training.md#fine-tuning-recipe): LLRD groups on the real
 model tree, the per-group warmup + cosine schedule against a step-by-step
 simulation of JMP's recursive torch scheduler, per-group AdamW with value
 clipping, torch's ReduceLROnPlateau and Lightning's early stopping rules."""

@@ -3,7 +3,7 @@
 test_parity.py and test_spec_rules.py compare the index sets as multisets. The
 order matters too (it is JMP's order, and it fixes the summation order of every
 aggregation), so here a test-local loop enumerates the entries in the documented
-order (gemnet_oc_spec §2.7):
+order (docs/graphs.md#edge-order-is-free):
 
   * e2e / a2e / e2a and both quadruplet triplets: for each out edge in edge order,
     the in edges into its target (or, for triplet_in, into the qint edge's

@@ -146,7 +146,7 @@ TIE_POSITIONS = [
 ]  # fmt: skip
 # Which tied image JMP keeps on those rows: torch.sort on CPU (libstdc++ introsort) over JMP's row
 # (the target's edges in (source, offset) order, padded with +inf to the structure's widest row)
-# puts (+1,0,0) first (spec §2.4's observed case); `test_jmp_tie_choice_is_torch_sort` re-derives
+# puts (+1,0,0) first (the case in docs/graphs.md); `test_jmp_tie_choice_is_torch_sort` re-derives
 # it with torch. A stable sort would keep (-1,0,0), the first tied edge in row order.
 JMP_TIE_CHOICE = {1: (1, 0, 0), 2: (1, 0, 0)}
 _SELF_IMAGES = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
@@ -158,7 +158,7 @@ def _tie_structure():
 
 def _tie_rows(cutoff=6.0):
     """Brute force, independent of our neighbour code: for each target, its edges (source, offset)
-    in JMP's row order with JMP's float32 distance |(x_s - x_t) + n @ C| (spec §2.2)."""
+    in JMP's row order with JMP's float32 distance |(x_s - x_t) + n @ C| (docs/graphs.md)."""
     pos = np.asarray(TIE_POSITIONS)
     pos32, cell32 = pos.astype(np.float32), (np.eye(3) * TIE_CELL).astype(np.float32)
     rows = {}
@@ -194,7 +194,7 @@ def _expected_jmp_a2ee2a(k=20):
 
 
 def test_jmp_tie_break_on_cubic_cell_keeps_plus_image():
-    """Spec §2.4's observed case: in a cubic 5 Å cell an atom's own images tie at d = 5.0 for the
+    """The tie example of docs/graphs.md: in a cubic 5 Å cell an atom's own images tie at d = 5.0 for the
     20th a2ee2a slot; JMP keeps (+1,0,0) where a stable sort keeps (-1,0,0)."""
     st = _tie_structure()
     jmp = build_edge_sets(st, GraphConfig(cutoff=6.0, max_neighbors=30, tie_break="jmp"))["a2ee2a"]
@@ -214,7 +214,7 @@ def test_jmp_tie_break_on_cubic_cell_keeps_plus_image():
 
 
 def test_jmp_tie_choice_is_torch_sort():
-    """Where JMP_TIE_CHOICE comes from: torch.sort over JMP's padded rows (spec §2.4)."""
+    """Where JMP_TIE_CHOICE comes from: torch.sort over JMP's padded rows (see docs/graphs.md)."""
     torch = pytest.importorskip("torch", reason="torch not installed: cross-check against torch.sort skipped")
     rows = _tie_rows()
     width = max(len(r) for r in rows.values())

@@ -1,4 +1,4 @@
-"""Our graph pipeline against JMP's own graphs and index arrays (shared/parity).
+"""Our graph pipeline against JMP's own graphs and index arrays (docs/parity.md).
 
 Every `{config}__{system}.npz` in the parity directory is a case (found by glob).
 Edge sets are compared by key (source, target, cell offset); triplets and

@@ -1,11 +1,11 @@
-"""The four graphs and their indices against a test-local brute force of gemnet_oc_spec §2.
+"""The four graphs and their indices against a test-local brute force of the rules in docs/graphs.md.
 
 The parity fixtures (test_parity.py) cover JMP's own cases: fully periodic or free structures
 with k = 30. Here the spec's rules are re-implemented independently, in plain numpy / Python,
 and applied to cases the fixtures do not have: mixed periodicity (slabs, wires, one aperiodic
 direction in a sheared cell) and max_neighbors k != 30.
 
-Rules (§1.2, §2.2–§2.7) as implemented below:
+Rules (every section of graphs.md) as implemented below:
   * candidate pairs: every source image x_s + n @ C with n ranging over the periodic axes only
     (n_k = 0 on aperiodic axes), except the atom itself at n = 0; an edge s -> t if
     |x_t - x_s - n @ C| <= cutoff;
@@ -15,7 +15,7 @@ Rules (§1.2, §2.2–§2.7) as implemented below:
     tie here) by the spec's recommended stable rule: (distance, source, offset);
   * qint keeps an edge if its source or its target has tag 1 or 2; untagged structures have
     tag 2 on every atom;
-  * symmetrised main, id_swap, e2e / a2e / e2a triplets, quadruplets and ranks as in §2.6–§2.7.
+  * symmetrised main, id_swap, e2e / a2e / e2a triplets, quadruplets and ranks: graphs.md#interaction-indices.
 Positions are random (no two neighbour distances tie except the +n / -n self images).
 """
 
@@ -31,8 +31,8 @@ import pytest
 from jmp_jax.graphs.build import GraphConfig, build_edge_sets, build_graphs
 from jmp_jax.graphs.structure import Structure
 
-QINT_TAGS = (1, 2)  # the tags whose edges the qint graph keeps (§1.1 qint_tags)
-UNTAGGED = 2  # the tag of every atom of an untagged structure (§2.5)
+QINT_TAGS = (1, 2)  # the tags whose edges the qint graph keeps (graphs.md#the-four-graphs)
+UNTAGGED = 2  # the tag of every atom of an untagged structure (graphs.md#the-four-graphs)
 
 
 # --------------------------------------------------------------------------- structures
@@ -91,7 +91,7 @@ def _make(name):
 
 
 def _limits(k):
-    """(main, a2ee2a, qint, a2a) from the base k (§1.2)."""
+    """(main, a2ee2a, qint, a2a) from the base k (graphs.md#cutoffs-and-neighbour-counts)."""
     return {"main": k, "a2ee2a": int(20 * k / 30), "qint": int(8 * k / 30), "a2a": int(1000 * k / 30)}
 
 
@@ -191,7 +191,7 @@ def _add(a, b):
 
 
 def _spec_symmetric_main(main_keys):
-    """§2.6: the canonical edges (s < t, or s == t with a lexicographically negative offset) and
+    """Symmetrisation: the canonical edges (s < t, or s == t with a lexicographically negative offset) and
     their reverses."""
     canonical = [(s, t, n) for s, t, n in main_keys if s < t or (s == t and n < (0, 0, 0))]
     return canonical + [_reverse(key) for key in canonical]
@@ -206,7 +206,7 @@ def _into(edges):
 
 
 def _spec_indices(main, a2ee2a, qint):
-    """§2.7 as key tuples: e2e / a2e / e2a (in, out), quadruplet triplet_in (main d->b, qint b->a),
+    """Indices as key tuples: e2e / a2e / e2a (in, out), quadruplet triplet_in (main d->b, qint b->a),
     triplet_out (qint b->a, main c->a) and quadruplets (d->b, b->a, c->a)."""
     main_into, ae_into, q_into = _into(main), _into(a2ee2a), _into(qint)
     e2e = [(b, c) for c in main for b in main_into[c[1]] if b != c]
@@ -297,7 +297,7 @@ def test_edge_sets_equal_the_spec_rules(case, backend):
         )
         want = [expected[key] for key in keys]
         np.testing.assert_allclose(ours[graph].distances, want, rtol=1e-12, atol=0)
-        if graph in ("a2a", "a2ee2a"):  # the atom-level aggregations need targets sorted (§2.7)
+        if graph in ("a2a", "a2ee2a"):  # the atom-level aggregations need targets sorted
             assert np.all(np.diff(ours[graph].receivers) >= 0)
 
 
@@ -329,7 +329,7 @@ def test_derived_indices_equal_the_spec_rules(name, lone_self_image):
     lone = [(s, t, n) for s, t, n in spec["main"] if s == t and (s, t, _neg(n)) not in spec["main"]]
     assert bool(lone) == lone_self_image
 
-    # symmetrised main graph (§2.6)
+    # symmetrised main graph (graphs.md#symmetrisation)
     main = _graph_keys(g, "main")
     assert len(set(main)) == len(main)
     assert Counter(main) == Counter(_spec_symmetric_main(list(spec["main"])))

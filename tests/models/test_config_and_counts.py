@@ -1,4 +1,4 @@
-"""Configs and parameter counts (gemnet_oc_spec §1.1, §1.3), via jax.eval_shape."""
+"""Configs and parameter counts (docs/model.md#parameter-counts), via jax.eval_shape."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def _random_rotation(seed):
 
 def order_preserving_permutation(st: Structure, config: GraphConfig, seed: int) -> np.ndarray:
     """A random atom order under which JMP's symmetrised main graph is the same
-    graph. Symmetrisation keeps the edges with s < t and mirrors them (spec §2.6);
+    graph. Symmetrisation keeps the edges with s < t and mirrors them (docs/graphs.md#symmetrisation);
     the max-neighbour main graph is not symmetric, so for a pair (a, b) joined in
     one direction only, the relabelled copy must keep a and b in the same order,
     or its main graph (and so its energy, in JMP as here) differs. A random

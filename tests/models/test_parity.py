@@ -1,4 +1,4 @@
-"""Model outputs against the PyTorch JMP reference (shared/parity).
+"""Model outputs against the PyTorch JMP reference (docs/parity.md).
 
 Cases are found by glob; `tiny` runs always, `jmp_s` / `jmp_l` are marked slow.
 Tolerance (README): max|ours − ref| / max|ref| ≤ 1e-4 in float32, highest matmul

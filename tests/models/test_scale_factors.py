@@ -1,4 +1,4 @@
-"""JMP's fitted scale factors (spec §3.8): table size, application to a JMP-S
+"""JMP's fitted scale factors (docs/model.md#scale-factors): table size, application to a JMP-S
 constants collection, mismatch errors, and equality with the parity fixtures."""
 
 from __future__ import annotations

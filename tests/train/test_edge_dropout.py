@@ -1,4 +1,4 @@
-"""Edge dropout the JMP way (jmp_training_spec §1.4, gemnet_oc_spec §3.5, §3.9).
+"""Edge dropout the JMP way (docs/training.md#pre-training-model, docs/model.md#training-only-behaviour).
 
 On the host, every a2a edge is dropped with probability p; main, a2ee2a and qint
 are then sub-selected from the surviving a2a edges, so nothing else is dropped.
@@ -28,7 +28,7 @@ from tests.train.variables import random_variables
 
 P = 0.25
 CUTOFF, K = 4.0, 10
-# main = k, a2ee2a = int(20k/30), qint = int(8k/30), a2a = int(1000k/30) (gemnet_oc_spec §1.2)
+# main = k, a2ee2a = int(20k/30), qint = int(8k/30), a2a = int(1000k/30) (docs/graphs.md)
 KEEP = {"main": 10, "a2ee2a": 6, "qint": 2}
 QINT_TAGS = (1, 2)
 

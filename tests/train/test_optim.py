@@ -139,7 +139,7 @@ def two_steps(tiny):
 
 
 def _factor(name: str, num_blocks: int) -> float:
-    """JMP's backward hooks (gemnet_oc_spec §3.9), written out: shared basis layers
+    """JMP's backward hooks (docs/model.md#training-only-behaviour), written out: shared basis layers
     bases.mlp_* get 1/nb of their gradient, mlp_rbf_out 1/(nb + 1)."""
     if name.startswith("backbone/bases/mlp_rbf_out/"):
         return 1.0 / (num_blocks + 1)

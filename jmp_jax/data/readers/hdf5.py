@@ -1,4 +1,4 @@
-"""HDF5 datasets: SPICE subsets, ANI-1x, Transition1x (datasets_spec §4, §9, §10).
+"""HDF5 datasets: SPICE subsets, ANI-1x, Transition1x (docs/datasets.md).
 
 ``"spice"`` – one group per molecule; ``conformations`` [M, N, 3] bohr,
 ``dft_total_energy`` / ``formation_energy`` [M] hartree, ``dft_total_gradient``

@@ -1,4 +1,4 @@
-"""MatBench structure tasks and QMOF (datasets_spec §5, §6). No pymatgen needed.
+"""MatBench structure tasks and QMOF (docs/datasets.md#matbench, docs/datasets.md#qmof). No pymatgen needed.
 
 ``"matbench"`` – ``matbench_<task>.json.gz`` (a pandas DataFrame in ``split``
 orient: ``{"index", "columns", "data"}``; structures as pymatgen MSON dicts).
@@ -22,7 +22,7 @@ matbench_mp_is_metal        is_metal             bool (classification)
 ==========================  ===================  ===================
 
 Splits (JMP): the official MatBench fold ``fold`` (0–4). Its train list, in the
-validation file's order, is split with JMP's permutation (§0.2) into
+validation file's order, is split with JMP's permutation (docs/datasets.md#splits) into
 train = int(0.9 n) and val = the rest; test = the fold's test list in order. The
 folds come from ``validation_path`` (``matbench_v0.1_validation.json`` of the
 ``matbench`` package; found automatically when that package is installed), or

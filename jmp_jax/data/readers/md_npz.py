@@ -1,4 +1,4 @@
-"""rMD17 and MD22: one ``.npz`` trajectory per molecule (datasets_spec §1, §2).
+"""rMD17 and MD22: one ``.npz`` trajectory per molecule (docs/datasets.md#rmd17, docs/datasets.md#md22).
 
 ``"rmd17"``: ``rmd17_<molecule>.npz`` with ``nuclear_charges`` [N], ``coords``
 [F, N, 3] Å, ``energies`` [F] kcal/mol, ``forces`` [F, N, 3] kcal/mol/Å.
@@ -11,7 +11,7 @@ Units, as JMP converts them: energies and forces are multiplied by
 (``precision="jmp"``, default; bit-identical to JMP's LMDB values) or in float64
 (``precision="float64"``). Positions are float32-rounded under ``"jmp"``.
 
-Splits: JMP's seeded permutation (§0.2) over the F frames, sliced
+Splits: JMP's seeded permutation (docs/datasets.md#splits) over the F frames, sliced
 train | val | test. rMD17: 950 | 50 | F - 1000 (the official split CSVs are
 ignored, as in JMP). MD22: (train_size - val) | int(0.05 train_size) | F - train_size,
 with train_size per molecule (`splits.MD22_TRAIN_SIZES`).

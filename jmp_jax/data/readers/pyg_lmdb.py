@@ -1,4 +1,4 @@
-"""JMP / OCP LMDB directories of pickled PyG `Data` (datasets_spec §0.3, §7, §8).
+"""JMP / OCP LMDB directories of pickled PyG `Data` (docs/datasets.md#jmp-lmdb-format).
 
 ``"oc20"`` (S2EF / IS2RE), ``"oc22"`` (S2EF-Total) and ``"jmp_lmdb"`` (any JMP-
 written LMDB: ANI-1x, Transition1x, fine-tuning builders).

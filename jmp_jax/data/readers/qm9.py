@@ -1,4 +1,4 @@
-"""QM9 (datasets_spec §3): three routes to the same 130,831 records.
+"""QM9 (docs/datasets.md#qm9): three routes to the same 130,831 records.
 
 ``format=``
 
@@ -45,7 +45,7 @@ A, B, C                                16, 17, 18       GHz
 that is normalisation, not reading.) ``precision="jmp"`` keeps PyG's float32
 values (positions and targets); ``"float64"`` computes in float64.
 
-Split (JMP): the §0.2 permutation over the records in order, val 10,000,
+Split (JMP): the permutation of docs/datasets.md#splits over the records in order, val 10,000,
 test 10,000, train the rest (110,831).
 """
 

@@ -1,4 +1,4 @@
-"""JMP's random splits (datasets_spec §0.2).
+"""JMP's random splits (docs/datasets.md#splits).
 
 Every JMP fine-tuning builder does ``idx = np.arange(n)``,
 ``np.random.RandomState(seed).shuffle(idx)`` (legacy MT19937 stream; seed 42 by

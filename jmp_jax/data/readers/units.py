@@ -1,7 +1,7 @@
 """Unit constants, per source, and JMP's float32 conversion arithmetic.
 
 Every dataset is converted with the constants of the code that produced JMP's
-training data (datasets_spec §0.1), not with one "best" set of constants:
+training data (docs/datasets.md#units), not with one "best" set of constants:
 
 =====================  ===========================================  =====================
 dataset                conversion                                   constant

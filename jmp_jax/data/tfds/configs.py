@@ -50,9 +50,9 @@ class DatasetConfig:
 
 _PRETRAIN_INPUT = {
     "oc20": "expected OC20 S2EF LMDB split directories (e.g. s2ef/2M/train/*.lmdb, s2ef/all/val_id/*.lmdb) "
-    "under manual_dir, or one split directory (datasets_spec §7)",
-    "ani1x": "expected ani1x-release.h5 (datasets_spec §9)",
-    "transition1x": "expected transition1x-release.h5 (datasets_spec §10)",
+    "under manual_dir, or one split directory (docs/datasets.md#oc20)",
+    "ani1x": "expected ani1x-release.h5 (docs/datasets.md#ani-1x)",
+    "transition1x": "expected transition1x-release.h5 (docs/datasets.md#transition1x)",
 }
 
 

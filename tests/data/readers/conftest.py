@@ -1,5 +1,5 @@
-"""Writers of tiny synthetic files in each dataset's original layout (datasets_spec
-"Synthetic recipe" sections).
+"""Writers of tiny synthetic files in each dataset's original layout (the formats
+of docs/datasets.md).
 
 Pickled PyG `Data` and torch streams come from the torch-free writer
 `tests.torchfile.writer` (``pyg_bytes`` emits what ``pickle.dumps(torch_geometric.
@@ -364,7 +364,7 @@ def read():
 
 
 def spec_split(n: int, sizes: dict, seed: int = 42) -> dict:
-    """datasets_spec §0.2, written out independently of the readers: ``arange(n)`` shuffled in place
+    """docs/datasets.md#splits, written out independently of the readers: ``arange(n)`` shuffled in place
     by the legacy ``np.random.RandomState(seed)``, contiguous slices in the order of `sizes`
     (train | val | test); an int is a count, None (at most one) the remainder."""
     idx = np.arange(n)

@@ -127,7 +127,7 @@ def test_ani1x_seeded_formula_split_and_units(tmp_path, make, read):
         set(test),
         set(train),
     )
-    # ANI-1x uses ASE's Hartree (datasets_spec §0.1: 27.211386024),
+    # ANI-1x uses ASE's Hartree (docs/datasets.md#units: 27.211386024),
     # not JMP's 1/0.0367493 nor PyG's 27.211386246
     assert Hartree == pytest.approx(27.211386024, rel=1e-10)
     total = 0

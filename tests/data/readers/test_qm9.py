@@ -11,14 +11,14 @@ from jmp_jax.data.readers import open_source
 
 from .conftest import DATA_DIR, spec_split
 
-# Expectations are written out here from datasets_spec §0.1 / §3, never taken from the reader,
+# Expectations are written out here from PyG's constants and processing, never taken from the reader,
 # so that a wrong constant, order or reference in the reader fails these tests.
-HAR2EV = 27.211386246  # PyG HAR2EV (§0.1, §3.4)
-KCALMOL2EV = 0.04336414  # PyG KCALMOL2EV (§0.1)
+HAR2EV = 27.211386246  # PyG HAR2EV
+KCALMOL2EV = 0.04336414  # PyG KCALMOL2EV
 KCALMOL_PER_HARTREE = 627.509474  # to write the synthetic CSV's kcal/mol atomization columns
 
-# JMP's 19 target names in PyG y-index order 0..18 (§3.4), each with the gdb9.sdf.csv column it
-# comes from (§3.2) and PyG's conversion factor (§3.2: [1, 1, H, H, H, 1, H, H, H, H, H, 1, K, K,
+# JMP's 19 target names in PyG y-index order 0..18, each with the gdb9.sdf.csv column it
+# comes from and PyG's conversion factor (PyG's processing: [1, 1, H, H, H, 1, H, H, H, H, H, 1, K, K,
 # K, K, 1, 1, 1] with H = HAR2EV, K = KCALMOL2EV).
 TARGETS = (
     ("mu", "mu", 1.0), ("alpha", "alpha", 1.0),
@@ -41,7 +41,7 @@ ATOM_REFS_HA = {
     8: (-75.064579, -75.063163, -75.062219, -75.079532),
     9: (-99.718730, -99.717314, -99.716370, -99.733544),
 }
-# The same references as PyG's `atomrefs` in eV (datasets_spec §3.4 table).
+# The same references as PyG's `atomrefs` in eV.
 ATOM_REFS_EV = {
     1: (-13.61312172, -13.5745904, -13.54887564, -13.90303183),
     6: (-1029.86312267, -1029.82456413, -1029.79887659, -1030.25891228),
@@ -50,7 +50,7 @@ ATOM_REFS_EV = {
     9: (-2713.48485589, -2713.44632457, -2713.42063702, -2713.88796536),
 }
 
-# qm9pack's qm9_part*.csv header, in order (§3.3).
+# qm9pack's qm9_part*.csv header, in order (qm9pack 1.0.3).
 QM9PACK_HEADER = (
     "XYZ_file", "Index", "SMILES", "InChi", "N_atoms", "Stoichiometry", "Elements", "XYZ_Ang",
     "Mulliken_pop", "Harmonic_Freq_cmi", "RotA_GHz", "RotB_GHz", "RotC_GHz", "Dipole_debye",
@@ -258,7 +258,7 @@ def test_qm9pack_route_gives_the_same_records(tmp_path, read):
                     assert y.targets[t] == pytest.approx(x.targets[t], rel=2e-6)
                 else:
                     assert y.targets[t] == x.targets[t], t
-            # qm9pack has no atomization energies: (E - sum of atom references) x HAR2EV (§3.4), in float32
+            # qm9pack has no atomization energies: (E - sum of atom references) x HAR2EV, in float32
             k = int(y.id.removeprefix("gdb_"))
             energies = _props(k, MOLECULES[k - 1][0])["energies"]
             refs = np.sum([ATOM_REFS_HA[a] for a in y.atomic_numbers.tolist()], axis=0)
@@ -267,7 +267,7 @@ def test_qm9pack_route_gives_the_same_records(tmp_path, read):
 
 
 def test_atom_reference_literals_match_the_spec_ev_table():
-    """The hartree table above (QM9's atomref) is PyG's eV table of datasets_spec §3.4 ÷ 27.211386,
+    """The hartree table above (QM9's atomref) is PyG's eV `atomrefs` table ÷ 27.211386,
     to its 6-decimal rounding; it is what the qm9pack expectations are built from."""
     for z, ev in ATOM_REFS_EV.items():
         half_digit = 0.5e-6 * 27.211386  # the table's last decimal, in eV
@@ -297,7 +297,7 @@ def test_pyg_processed(tmp_path, name, read):
     assert src.format == "pyg_processed"
     good, bad = read(src, "train")
     assert not bad and [r.id for r in good] == ["gdb_1", "gdb_2"]
-    # y[0, i] = 0.5 * i: the targets must be named in PyG's y-index order (§3.4)
+    # y[0, i] = 0.5 * i: the targets must be named in PyG's y-index order
     assert [good[1].targets[t] for t in TARGET_NAMES] == [0.5 * i for i in range(19)]
     assert good[0].targets["mu"] == -3.0 and good[0].atomic_numbers.tolist() == [6, 1, 1, 1, 1]
 

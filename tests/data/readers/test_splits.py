@@ -1,4 +1,4 @@
-"""JMP's split convention (datasets_spec §0.2) and its test vectors."""
+"""JMP's split convention (docs/datasets.md#splits) and its test vectors."""
 
 import numpy as np
 import pytest
