@@ -22,7 +22,7 @@ from jmp_jax.convert import mapping
 from jmp_jax.convert.jmp_checkpoint import CheckpointInfo, load_checkpoint
 from jmp_jax.models.config import GemNetOCConfig
 
-DEFAULT_TASKS = PRETRAIN_TASKS  # released JMP head order (spec §4, §9)
+DEFAULT_TASKS = PRETRAIN_TASKS  # released JMP head order (docs/checkpoint_mapping.md#head-order)
 
 
 @dataclasses.dataclass

@@ -3,7 +3,7 @@
 Pipeline (no torch needed, nothing from the file executed)::
 
     ckpt = read_checkpoint(path)                      # safe unpickling (jmp_jax.torchfile)
-    state_dict, info = extract_state_dict(ckpt)       # EMA weights by default (spec §6.1)
+    state_dict, info = extract_state_dict(ckpt)       # EMA weights by default (docs/checkpoint_mapping.md#ema)
     info.layout, info.size, info.hparams              # "pretrain", "s", {...GemNetOCConfig fields}
 
 or in one call ``load_checkpoint(path, ema=True)``.
@@ -14,7 +14,7 @@ or in one call ``load_checkpoint(path, ema=True)``.
 names (a DDP/compile wrapper prefix such as ``module.`` is removed). The returned
 arrays are writable, C-contiguous and independent of the checkpoint file.
 
-EMA (spec §6.1, JMP's ``finetune_state_dict``): walk the state-dict keys in order,
+EMA (docs/checkpoint_mapping.md#ema, JMP's ``finetune_state_dict``): walk the state-dict keys in order,
 skip keys ending in ``rbf.offset`` / ``rbf.temps`` / ``scale_factor``, containing
 ``.seq_energy_pre.`` or starting with ``task_steps``; the remaining keys are the
 model's parameters in ``model.parameters()`` order and align 1:1 with the EMA tuple
@@ -76,7 +76,7 @@ BACKBONE_HPARAM_FIELDS = (
     "num_output_afteratom", "num_atom_emb_layers", "num_global_out_layers",
 )  # fmt: skip
 
-# Spec §1.1, from the model presets (jmp_jax.constants): JMP-S = `base()`, JMP-L = `large()`,
+# docs/model.md#hyper-parameters, from the model presets (jmp_jax.constants): JMP-S = `base()`, JMP-L = `large()`,
 # "tiny" the parity-fixture config (shared/parity), every width different.
 SIZE_PRESETS: dict[str, dict[str, int]] = {
     size: {k: getattr(model_preset(preset), k) for k in BACKBONE_HPARAM_FIELDS}
@@ -363,7 +363,7 @@ def _is_ema_skipped(key: str) -> bool:
 
 
 def ema_parameter_keys(keys) -> list[str]:
-    """The keys that line up with JMP's EMA tuple, in order (spec §6.1)."""
+    """The keys that line up with JMP's EMA tuple, in order (docs/checkpoint_mapping.md#ema)."""
     return [k for k in keys if not _is_ema_skipped(k)]
 
 
@@ -517,7 +517,7 @@ def _tensors(sd: Mapping[str, Any], notes: list[str]) -> tuple[dict[str, np.ndar
 def _apply_ema(
     ckpt: Mapping, sd: Mapping[str, Any], out: dict[str, np.ndarray], ema: bool, notes: list[str]
 ) -> int:
-    """Replaces `out`'s parameters by the EMA tuple (spec §6.1) in place; the number replaced.
+    """Replaces `out`'s parameters by the EMA tuple (docs/checkpoint_mapping.md#ema) in place; the number replaced.
 
     No EMA tuple: the raw weights stay, with a warning when ``ema``. Any misalignment
     (count, shape, dtype, a non-tensor entry) is a ValueError.
@@ -536,7 +536,7 @@ def _apply_ema(
     if len(names) != len(ema_values):
         raise ValueError(
             f"EMA misalignment: {ema_where} has {len(ema_values)} tensors but the state dict has "
-            f"{len(names)} parameters under JMP's EMA rule (spec §6.1: all keys except rbf.offset/"
+            f"{len(names)} parameters under JMP's EMA rule (docs/checkpoint_mapping.md#ema: all keys except rbf.offset/"
             "rbf.temps/scale_factor buffers, .seq_energy_pre. aliases and task_steps.*). The checkpoint "
             "does not come from JMP's EMA wrapper or was modified; use ema=False (--no-ema) for the "
             "raw weights."
@@ -615,7 +615,7 @@ def extract_state_dict(
 ) -> tuple[dict[str, np.ndarray], CheckpointInfo]:
     """``{torch key: array}`` of a JMP checkpoint (EMA weights by default) and a `CheckpointInfo`.
 
-    ``ema=True``: replace the parameters by the EMA tuple (spec §6.1); a mismatch in
+    ``ema=True``: replace the parameters by the EMA tuple (docs/checkpoint_mapping.md#ema); a mismatch in
     count, shape or dtype raises ValueError. If the checkpoint has no EMA tuple the
     raw weights are returned with a logged warning (also in ``info.warnings``).
     ``ema=False``: the raw ``state_dict`` weights. ``strict``: the backbone must

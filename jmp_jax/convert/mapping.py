@@ -1,4 +1,4 @@
-"""PyTorch JMP state_dict -> Flax variables (gemnet_oc_spec §6.2).
+"""PyTorch JMP state_dict -> Flax variables (docs/checkpoint_mapping.md#key-table).
 
 Input: a plain dict {torch key: np.ndarray} (the checkpoint reader builds it).
 Output: Flax variables {"params": ..., "constants": ...} for one of our models.
@@ -84,7 +84,7 @@ def _copy(value, target_shape):
 
 
 def _reinterpret(value, target_shape):
-    """BasisEmbedding [R, S', I] read row-major as [R, I, S'] (not a transpose, spec §3.3)."""
+    """BasisEmbedding [R, S', I] read row-major as [R, I, S'] (not a transpose; docs/model.md#bases)."""
     if value.ndim != 3:
         raise ValueError(f"expected a 3-D BasisEmbedding weight, got shape {value.shape}")
     return np.ascontiguousarray(value).reshape(value.shape[0], value.shape[2], value.shape[1])
@@ -361,7 +361,7 @@ def apply_entries(
 
 def _check_rbf_duplicates(state_dict) -> set:
     """Every radial basis instance holds the same buffers; the duplicates are used
-    only to check that (spec §3.3)."""
+    only to check that (docs/model.md#radial-basis)."""
     used = set()
     for prefix in {k.split("bases.")[0] for k in state_dict if ".rbf.offset" in k and "bases." in k}:
         for buf in ("offset", "temps"):

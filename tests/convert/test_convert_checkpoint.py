@@ -36,7 +36,7 @@ PARITY = parity_dir()
 CKPTS = sorted(PARITY.glob("*_pretrain.ckpt"))
 MANIFESTS = sorted(PARITY.glob("*__backbone_keys.json"))
 SIZE_OF_CONFIG = {"tiny": "tiny", "jmp_s": "s", "jmp_l": "l"}
-EMA_COUNT_OF_CONFIG = {"jmp_s": 405, "jmp_l": 585}  # spec §6.1 (4 pre-training tasks)
+EMA_COUNT_OF_CONFIG = {"jmp_s": 405, "jmp_l": 585}  # docs/checkpoint_mapping.md#ema (4 pre-training tasks)
 
 
 def _params(files, what):
@@ -285,10 +285,10 @@ def _lightning(sd, ema, **extra):
     return ckpt
 
 
-# A small module tree in JMP's state-dict order (spec §6.1: embedding, backbone,
+# A small module tree in JMP's state-dict order (docs/checkpoint_mapping.md#ema: embedding, backbone,
 # heads, task_steps), with every kind of key that the EMA rule skips between the
 # parameters, and the order of JMP's EMA tuple for it, written out by hand from
-# spec §6.1 (the tuple is `model.parameters()`: no buffers, the `seq_energy_pre`
+# docs/checkpoint_mapping.md#ema (the tuple is `model.parameters()`: no buffers, the `seq_energy_pre`
 # alias once, under `layers`). Many shapes are equal, so only the order of the
 # values can tell a misalignment.
 EMA_TREE = [  # (key, shape, raw value)
@@ -362,7 +362,7 @@ def test_ema_substitution_follows_jmp_parameter_order():
 
 @pytest.mark.parametrize("size,count", [("s", 405), ("l", 585)])
 def test_ema_tuple_length_of_the_released_models(size, count):
-    """Spec §6.1: JMP-S's EMA tuple has 405 tensors, JMP-L's 585 (4 pre-training tasks)."""
+    """docs/checkpoint_mapping.md#ema: JMP-S's EMA tuple has 405 tensors, JMP-L's 585 (4 pre-training tasks)."""
     keys = ["embedding.atom_embedding.weight"]
     keys += ["backbone." + k for k in backbone_key_shapes(SIZE_PRESETS[size])]
     for t in range(4):
