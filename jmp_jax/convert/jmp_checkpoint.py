@@ -3,7 +3,7 @@
 Pipeline (no torch needed, nothing from the file executed)::
 
     ckpt = read_checkpoint(path)                      # safe unpickling (jmp_jax.torchfile)
-    state_dict, info = extract_state_dict(ckpt)       # EMA weights by default (docs/checkpoint_mapping.md#ema)
+    state_dict, info = extract_state_dict(ckpt)       # EMA weights by default (docs/checkpoint_mapping.md)
     info.layout, info.size, info.hparams              # "pretrain", "s", {...GemNetOCConfig fields}
 
 or in one call ``load_checkpoint(path, ema=True)``.
@@ -76,7 +76,8 @@ BACKBONE_HPARAM_FIELDS = (
     "num_output_afteratom", "num_atom_emb_layers", "num_global_out_layers",
 )  # fmt: skip
 
-# docs/model.md#hyper-parameters, from the model presets (jmp_jax.constants): JMP-S = `base()`, JMP-L = `large()`,
+# docs/model.md#hyper-parameters, from the model presets (jmp_jax.constants):
+# JMP-S = `base()`, JMP-L = `large()`,
 # "tiny" the parity-fixture config (shared/parity), every width different.
 SIZE_PRESETS: dict[str, dict[str, int]] = {
     size: {k: getattr(model_preset(preset), k) for k in BACKBONE_HPARAM_FIELDS}
@@ -517,7 +518,8 @@ def _tensors(sd: Mapping[str, Any], notes: list[str]) -> tuple[dict[str, np.ndar
 def _apply_ema(
     ckpt: Mapping, sd: Mapping[str, Any], out: dict[str, np.ndarray], ema: bool, notes: list[str]
 ) -> int:
-    """Replaces `out`'s parameters by the EMA tuple (docs/checkpoint_mapping.md#ema) in place; the number replaced.
+    """Replaces `out`'s parameters by the EMA tuple in place (docs/checkpoint_mapping.md#ema); the number
+    replaced.
 
     No EMA tuple: the raw weights stay, with a warning when ``ema``. Any misalignment
     (count, shape, dtype, a non-tensor entry) is a ValueError.
@@ -536,7 +538,7 @@ def _apply_ema(
     if len(names) != len(ema_values):
         raise ValueError(
             f"EMA misalignment: {ema_where} has {len(ema_values)} tensors but the state dict has "
-            f"{len(names)} parameters under JMP's EMA rule (docs/checkpoint_mapping.md#ema: all keys except rbf.offset/"
+            f"{len(names)} parameters under JMP's EMA rule (all keys except rbf.offset/"
             "rbf.temps/scale_factor buffers, .seq_energy_pre. aliases and task_steps.*). The checkpoint "
             "does not come from JMP's EMA wrapper or was modified; use ema=False (--no-ema) for the "
             "raw weights."

@@ -362,7 +362,7 @@ def test_ema_substitution_follows_jmp_parameter_order():
 
 @pytest.mark.parametrize("size,count", [("s", 405), ("l", 585)])
 def test_ema_tuple_length_of_the_released_models(size, count):
-    """docs/checkpoint_mapping.md#ema: JMP-S's EMA tuple has 405 tensors, JMP-L's 585 (4 pre-training tasks)."""
+    """JMP-S's EMA tuple has 405 tensors, JMP-L's 585 (4 pre-training tasks; docs/checkpoint_mapping.md#ema)."""
     keys = ["embedding.atom_embedding.weight"]
     keys += ["backbone." + k for k in backbone_key_shapes(SIZE_PRESETS[size])]
     for t in range(4):
