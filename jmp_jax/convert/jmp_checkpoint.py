@@ -78,7 +78,7 @@ BACKBONE_HPARAM_FIELDS = (
 
 # docs/model.md#hyper-parameters, from the model presets (jmp_jax.constants):
 # JMP-S = `base()`, JMP-L = `large()`,
-# "tiny" the parity-fixture config (shared/parity), every width different.
+# "tiny" the parity-fixture config (tests/fixtures/parity, docs/parity.md), every width different.
 SIZE_PRESETS: dict[str, dict[str, int]] = {
     size: {k: getattr(model_preset(preset), k) for k in BACKBONE_HPARAM_FIELDS}
     for size, preset in (("s", "jmp_s"), ("l", "jmp_l"), ("tiny", "tiny"))

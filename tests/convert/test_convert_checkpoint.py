@@ -47,7 +47,7 @@ def _params(files, what):
 
 # --------------------------------------------------------------------------- the weight recipe
 def recipe(key: str, shape, salt: str) -> np.ndarray:
-    """shared/parity/README.md: how every weight of the fixtures was drawn."""
+    """The fixtures' weight recipe (docs/parity.md): how every weight was drawn."""
     if key.startswith("backbone."):
         key = key[len("backbone.") :].replace(".seq_energy_pre.", ".layers.")
     seed = zlib.crc32((salt + key).encode()) % 2**32
