@@ -107,6 +107,7 @@ def _evaluation_reproduces_the_results(reference, results, out):
     assert not (out / "x").exists()
 
 
+@pytest.mark.xdist_group("multiprocess")  # one at a time with the other multi-process runs (tests/train)
 def test_killed_finetuning_resumes_the_same_run(tmp_path, monkeypatch):
     monkeypatch.setitem(CACHE, "dir", str(tmp_path / "xla_cache"))
     reference = tmp_path / "reference"

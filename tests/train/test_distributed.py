@@ -16,7 +16,9 @@ import pytest
 from jmp_jax.train.metrics import read_csv
 from tests.train.common import ROOT, env, main_flags
 
-pytestmark = pytest.mark.slow
+# Multi-process / multi-device runs share one xdist group (`--dist loadgroup`): one at a time on
+# one worker, so two of them never fight over CI's 2 cores (their collectives time out when starved).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 
 
 def _check(mode, workdir, out, *extra, devices=4):

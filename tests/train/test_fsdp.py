@@ -19,7 +19,9 @@ from jmp_jax.train.checkpointing import Checkpointer
 from jmp_jax.train.metrics import read_csv
 from tests.train.common import ROOT, env, run_main
 
-pytestmark = pytest.mark.slow
+# Multi-process / multi-device runs share one xdist group (`--dist loadgroup`): one at a time on
+# one worker, so two of them never fight over CI's 2 cores (their collectives time out when starved).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 
 
 def test_sharded_state_trains_like_the_replicated_one_and_resumes(tmp_path):

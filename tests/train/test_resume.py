@@ -19,7 +19,9 @@ from jmp_jax.train.metrics import read_csv
 from tests.train import wandb_offline
 from tests.train.common import ROOT, env, get_config, kill_after_checkpoint, run_main, start_main
 
-pytestmark = pytest.mark.slow
+# Multi-process / multi-device runs share one xdist group (`--dist loadgroup`): one at a time on
+# one worker, so two of them never fight over CI's 2 cores (their collectives time out when starved).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 
 STEPS = {"train.num_steps": 8, "train.checkpoint_every": 3}
 
