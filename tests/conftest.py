@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import atexit
 import collections
+import ctypes
+import gc
 import os
+import resource
 import shutil
+import sys
 import tempfile
+import time
 
 import pytest
 
@@ -28,6 +33,54 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 _SKIPS: list[tuple[str, str]] = []
+
+
+def _scope(item) -> tuple:
+    """What a run of tests shares: its xdist group, else its module."""
+    group = item.get_closest_marker("xdist_group")
+    return ("group", group.args[0]) if group is not None and group.args else ("module", item.module.__name__)
+
+
+def _free_memory() -> None:
+    """Drop what the finished scope kept alive: the caches that hold whole models (JMP-L's
+    variables are ~1 GB per copy), every compiled executable, and the freed heap pages.
+    Each xdist worker runs hundreds of tests in one process; without this both workers
+    grew past 10 GB and the kernel killed one (24 GB machines)."""
+    models_conftest = sys.modules.get("tests.models.conftest")
+    if models_conftest is not None:
+        models_conftest.clear_caches()
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is None or _scope(nextitem) != _scope(item):
+        _free_memory()
+
+
+_LOG = os.environ.get("JMP_JAX_TEST_LOG")  # a file: one line per test (worker, seconds, RSS)
+_started: dict[str, float] = {}
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _started[nodeid] = time.perf_counter()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if not _LOG:
+        return
+    seconds = time.perf_counter() - _started.pop(nodeid, time.perf_counter())
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(_LOG, "a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {worker} {seconds:8.1f}s rss={rss:6.0f}M peak={peak:6.0f}M {nodeid}\n")
 
 
 def _fail_on_skip() -> bool:

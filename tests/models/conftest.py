@@ -136,6 +136,13 @@ def bundle(config: str) -> ConfigBundle:
     return ConfigBundle(config)
 
 
+def clear_caches() -> None:
+    """Forget every config's bundle and results (the suite calls this between xdist groups:
+    a JMP-L bundle and its float64 check hold several GB)."""
+    for cached in (meta, backbone_keys, reference, structure_graphs, bundle, float64_gradient_check):
+        cached.cache_clear()
+
+
 def batch_float64(batch, positions=None, cells=None):
     """`batch` with float64 positions and cells for an x64 evaluation. By default
     the batch's own (float32) values are widened; `positions` [ΣN, 3] / `cells`
