@@ -65,6 +65,12 @@ def pytest_runtest_teardown(item, nextitem):
 
 _LOG = os.environ.get("JMP_JAX_TEST_LOG")  # a file: one line per test (worker, seconds, RSS)
 _started: dict[str, float] = {}
+_IS_CONTROLLER = False  # an xdist controller only relays its workers' reports: it logs nothing
+
+
+def pytest_configure(config):
+    global _IS_CONTROLLER
+    _IS_CONTROLLER = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
 def pytest_runtest_logstart(nodeid, location):
@@ -72,7 +78,7 @@ def pytest_runtest_logstart(nodeid, location):
 
 
 def pytest_runtest_logfinish(nodeid, location):
-    if not _LOG:
+    if not _LOG or _IS_CONTROLLER:
         return
     seconds = time.perf_counter() - _started.pop(nodeid, time.perf_counter())
     with open("/proc/self/statm") as f:
