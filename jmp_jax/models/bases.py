@@ -89,15 +89,12 @@ def default_rbf_temps(num_radial: int) -> np.ndarray:
 def radial_basis(distance, offset, temps, cutoff: float, exponent: int = 5):
     """Polynomial envelope × Gaussians of x = d / cutoff: [E] -> [E, R].
 
-    XLA computes d / cutoff as d · (1/cutoff) (rounded reciprocal, up to ~1 ulp off the
-    true quotient JMP computes). The narrow Gaussians (width 1/127 in x) make float32
-    gradient forces sensitive to that ulp where edge terms cancel (recipe weights:
-    JMP-S Cu slab 2.9e-3 from float64 vs 3.0e-4 with a true division behind an
-    optimisation barrier). The barrier is not used: it made XLA compile the per-batch
-    gradient differently in a 1-device accumulation loop and in a 4-device program,
-    and data-parallel training drifted from 1-device training (params 1.4e-6 relative
-    after 3 steps instead of 7e-9)."""
-    x = distance / cutoff
+    x is the correctly rounded float32 quotient, as JMP's true division gives it;
+    XLA alone would compute d · (1/cutoff), up to ~1 ulp off. The narrow Gaussians
+    (width 1/127 in x) make float32 gradient forces sensitive to that ulp where edge
+    terms cancel (recipe weights, float32 gradient forces vs JMP's: JMP-L ethanol
+    4.6e-4 with d · (1/cutoff), 5.6e-5 with the correct quotient)."""
+    x = divide_by_constant(distance, cutoff)
     p = exponent
     a = -(p + 1) * (p + 2) / 2
     b = p * (p + 2)
@@ -106,6 +103,32 @@ def radial_basis(distance, offset, temps, cutoff: float, exponent: int = 5):
     env = jnp.where(x < 1, env, jnp.zeros_like(x))
     gauss = jnp.exp(jnp.square(x[:, None] - offset) * (-jnp.abs(temps)))
     return env[:, None] * gauss
+
+
+def divide_by_constant(a, b: float):
+    """a / b for a constant b, with the gradient of a · (1/b).
+
+    float32: the correctly rounded quotient (one Newton step on q = a·fl(1/b), whose
+    residual a − q·b is formed exactly with Dekker's product; the correction enters
+    through stop_gradient, so the backward pass is the plain product). XLA rewrites
+    a / constant into a · fl(1/constant), which can be 1 ulp off; an optimisation
+    barrier around the divisor would keep the division but made XLA compile a
+    gradient differently in a 1-device accumulation loop and in a 4-device program
+    (data-parallel training then drifted from 1-device training, 1.4e-6 relative
+    after 3 steps instead of 7e-9). Other dtypes: a · (1/b)."""
+    reciprocal = 1.0 / b
+    q = a * reciprocal
+    if a.dtype != jnp.float32:
+        return q
+    b32, r32 = np.float32(b), np.float32(reciprocal)
+    scaled = b32 * np.float32(4097.0)  # Veltkamp split of the constant (numpy float32)
+    b_hi = scaled - (scaled - b32)
+    b_lo = b32 - b_hi
+    p = jax.lax.optimization_barrier(q * b32)
+    q_hi, q_lo = _split_float32(q)
+    p_err = ((q_hi * b_hi - p) + (q_hi * b_lo + q_lo * b_hi)) + q_lo * b_lo  # q·b = p + p_err exactly
+    exact = q + ((a - p) - p_err) * r32
+    return q + jax.lax.stop_gradient(exact - q)
 
 
 class EdgeGeometry(NamedTuple):
