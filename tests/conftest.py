@@ -52,16 +52,22 @@ def pytest_collection_modifyitems(config, items):
     """Every test without an xdist group joins its module's group: modules share models,
     compiled programs and lru-cached results between their tests (the tiny padding study,
     float64 referees), which a per-test split would compute once on each worker. Then the
-    LONG_GROUPS go first (with `--no-loadscope-reorder`, xdist keeps this order)."""
+    LONG_GROUPS go first and each group's tests are contiguous (with
+    `--no-loadscope-reorder`, xdist keeps this order)."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
-    def rank(item):
-        name = item.get_closest_marker("xdist_group").args[0]
-        return LONG_GROUPS.index(name) if name in LONG_GROUPS else len(LONG_GROUPS)
+    groups = [item.get_closest_marker("xdist_group").args[0] for item in items]
+    first = {}
+    for i, name in enumerate(groups):
+        first.setdefault(name, i)
 
-    items.sort(key=rank)  # stable: collection order within a rank
+    def rank(i):  # a group's tests contiguous (also without xdist), in collection order
+        name = groups[i]
+        return (LONG_GROUPS.index(name) if name in LONG_GROUPS else len(LONG_GROUPS), first[name], i)
+
+    items[:] = [items[i] for i in sorted(range(len(items)), key=rank)]
 
 
 def _free_memory() -> None:
