@@ -115,7 +115,8 @@ def divide_by_constant(a, b: float):
     barrier around the divisor would keep the division but made XLA compile a
     gradient differently in a 1-device accumulation loop and in a 4-device program
     (data-parallel training then drifted from 1-device training, 1.4e-6 relative
-    after 3 steps instead of 7e-9). Other dtypes: a · (1/b)."""
+    after 3 steps instead of 7e-9). Exact while no intermediate is subnormal (|a| ≳ 1e-30;
+    XLA on CPU flushes subnormals). Other dtypes: a · (1/b)."""
     reciprocal = 1.0 / b
     q = a * reciprocal
     if a.dtype != jnp.float32:
@@ -205,9 +206,9 @@ def _norm_float32(vec):
     make ∂E/∂d of an edge move by ~1e-4 of itself per ulp of d, and gradient forces
     are sums of those terms that cancel by orders of magnitude with the recipe's
     random weights. JMP's distance, sqrt(fma(z, z, fma(y, y, x·x))), is ~1.5 ulp
-    off; its rounding was the largest part of the float32 gradient-force error:
-    JMP-S ethanol 4.0e-3 from float64 with it, 2.4e-4 with a correctly rounded
-    distance (JMP's own: 3.7e-3)."""
+    off; measured when x = d / cutoff was still XLA's d · fl(1/cutoff), its rounding
+    was the largest part of the float32 gradient-force error (JMP-S ethanol 4.0e-3
+    from float64 with it, 2.4e-4 with a correctly rounded distance)."""
     (px, ex), (py, ey), (pz, ez) = (_square_float32(vec[:, i]) for i in range(3))
     s, e1 = _two_sum(px, py)
     s, e2 = _two_sum(s, pz)

@@ -13,8 +13,8 @@ Measured causes of the errors this guards against (issue 12):
     same structures rounded to float32 they differ by 3e-6–1e-5 (Pt111_OH
     rotation 9.8e-6, translation 6.4e-6).
   * float32 gradient forces further from float64 than JMP's: the rounding of the
-    distances that enter the narrow rbf Gaussians (JMP's ~1.5 ulp, and XLA's
-    d · (1/cutoff) for d / cutoff); see `bases.edge_geometry`, `bases.radial_basis`.
+    distances that enter the narrow rbf Gaussians (JMP's ~1.5 ulp) and of d / cutoff
+    (XLA's d · fl(1/cutoff)); see `bases.edge_geometry`, `bases.divide_by_constant`.
     With random-init weights (|E| ~ 0.1) that error is small; it dominates with
     the recipe weights of the parity fixtures (tests/models/test_parity.py).
 """
