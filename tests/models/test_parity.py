@@ -170,18 +170,22 @@ def test_pretrain_and_backbone_outputs(path):
 
 
 def check_gradient_forces(config: str, system: str, ours, ref) -> dict:
-    """F = −∂E/∂x of one structure: (1) our float64 gradient equals central
-    differences of our float64 energy (FD_TOL); (2) our float32 forces are within
-    TOL of JMP's, or one of FLOAT32_LIMITED applies to the system and its rule
-    holds against the float64 referee."""
-    check = float64_gradient_check(config)[system]
-    report = {"finetune_grad_forces": rel_err(ours, ref), "fd_error": check["fd_error"], "fd_model": check["fd_model"]}
-    assert check["fd_error"] <= FD_TOL, (system, report)
+    """F = −∂E/∂x of one structure: our float32 forces are within TOL of JMP's, or
+    one of FLOAT32_LIMITED applies to the system and its rule holds against the
+    float64 referee, whose gradient must first equal central differences of its
+    float64 energy (FD_TOL). The referee (float64 compilations and finite
+    differences of the whole config batch: ~10 min for JMP-L on 2 cores) is only
+    computed for a config where some case needs it; JMP's own gradient forces are
+    the check where ours match them."""
+    report = {"finetune_grad_forces": rel_err(ours, ref)}
     if report["finetune_grad_forces"] <= TOL:
         return report
     path = system_file(config, system)
     rules = [r for r in FLOAT32_LIMITED if r.applies(reference(path), structure_graphs(path))]
     assert rules, (f"{config}/{system}: gradient forces miss the reference and no FLOAT32_LIMITED reason applies", report)
+    check = float64_gradient_check(config)[system]
+    report.update(fd_error=check["fd_error"], fd_model=check["fd_model"])
+    assert check["fd_error"] <= FD_TOL, (system, report)
     report["reference_vs_float64"] = ref_err = rel_err(ref, check["forces64"])
     report["ours_vs_float64"] = our_err = rel_err(ours, check["forces64"])
     report["limits"] = [r.name for r in rules]
