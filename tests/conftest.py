@@ -35,16 +35,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 _SKIPS: list[tuple[str, str]] = []
 
 
-def _scope(item) -> tuple:
+def _scope(item) -> str:
     """What a run of tests shares: its xdist group (every test has one, see below)."""
-    group = item.get_closest_marker("xdist_group")
-    return ("group", group.args[0]) if group is not None and group.args else ("module", item.module.__name__)
+    return item.get_closest_marker("xdist_group").args[0]
 
 
-# The longest xdist groups (measured on 2 cores: JMP-L parity ~15 min, the multi-process
-# runs ~20 min, JMP-S parity ~8 min) are sent to the workers first, so they do not
-# start last and leave one worker idle at the end.
-LONG_GROUPS = ("parity_jmp_l", "multiprocess", "parity_jmp_s")
+# The longest xdist groups (clean `bash .ci/run` on 2 cores: test_finetune 31 min, the
+# multi-process runs 27 min, JMP-S parity 5.4 min, JMP-L parity 3.7 min) are sent to the
+# workers first, so they do not start last and leave one worker idle at the end.
+LONG_GROUPS = ("tests.finetune.test_finetune", "multiprocess", "parity_jmp_s", "parity_jmp_l")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -58,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
-    groups = [item.get_closest_marker("xdist_group").args[0] for item in items]
+    groups = [_scope(item) for item in items]
     first = {}
     for i, name in enumerate(groups):
         first.setdefault(name, i)

@@ -121,14 +121,8 @@ def divide_by_constant(a, b: float):
     q = a * reciprocal
     if a.dtype != jnp.float32:
         return q
-    b32, r32 = np.float32(b), np.float32(reciprocal)
-    scaled = b32 * np.float32(4097.0)  # Veltkamp split of the constant (numpy float32)
-    b_hi = scaled - (scaled - b32)
-    b_lo = b32 - b_hi
-    p = jax.lax.optimization_barrier(q * b32)
-    q_hi, q_lo = _split_float32(q)
-    p_err = ((q_hi * b_hi - p) + (q_hi * b_lo + q_lo * b_hi)) + q_lo * b_lo  # q·b = p + p_err exactly
-    exact = q + ((a - p) - p_err) * r32
+    p, p_err = _product_float32(q, jnp.float32(b))  # q·b = p + p_err exactly
+    exact = q + ((a - p) - p_err) * np.float32(reciprocal)
     return q + jax.lax.stop_gradient(exact - q)
 
 
@@ -185,11 +179,16 @@ def _split_float32(a):
     return hi, a - hi
 
 
+def _product_float32(a, b):
+    """(p, e) with p = fl(a·b) and p + e = a·b exactly (Dekker's product)."""
+    p = jax.lax.optimization_barrier(a * b)
+    (a_hi, a_lo), (b_hi, b_lo) = _split_float32(a), _split_float32(b)
+    return p, ((a_hi * b_hi - p) + (a_hi * b_lo + a_lo * b_hi)) + a_lo * b_lo
+
+
 def _square_float32(a):
-    """(p, e) with p = fl(a²) and p + e = a² exactly (Dekker's product)."""
-    p = jax.lax.optimization_barrier(a * a)
-    hi, lo = _split_float32(a)
-    return p, ((hi * hi - p) + np.float32(2.0) * (hi * lo)) + lo * lo
+    """(p, e) with p = fl(a²) and p + e = a² exactly."""
+    return _product_float32(a, a)
 
 
 def _two_sum(a, b):
